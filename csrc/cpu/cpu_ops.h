@@ -1,0 +1,115 @@
+// CPU implementations of the fastmask ops (registered in csrc/register.cpp) and the
+// small CPU helpers they share.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <optional>
+#include <string_view>
+#include <vector>
+
+#include "fastmask/common.h"
+
+namespace fastmask {
+namespace cpu {
+
+// Entry points (schemas in docs/ops.md).
+void philox_fill(const at::Tensor& out, uint64_t seed, uint64_t offset);
+void mask_generate_fill(const at::Tensor& out, const MaskParams& p);
+at::Tensor mask_apply(const at::Tensor& x, double ratio, int64_t seed, int64_t offset,
+                      std::string_view mode, std::string_view scope,
+                      std::string_view channels, double fill);
+at::Tensor mask_apply_backward(const at::Tensor& grad, double ratio, int64_t seed,
+                               int64_t offset, std::string_view mode, std::string_view scope,
+                               std::string_view channels);
+at::Tensor fgsm(const at::Tensor& x, const at::Tensor& grad, double eps, double lo, double hi);
+at::Tensor pgd_step(const at::Tensor& x_adv, const at::Tensor& x_nat, const at::Tensor& grad,
+                    double alpha, double eps, double lo, double hi, std::string_view norm);
+void pgd_step_(const at::Tensor& x_adv, const at::Tensor& x_nat, const at::Tensor& grad,
+               double alpha, double eps, double lo, double hi, std::string_view norm);
+at::Tensor random_start(const at::Tensor& x, double eps, int64_t seed, int64_t offset,
+                        std::string_view norm, double lo, double hi);
+at::Tensor grad_clip_noise_(at::TensorList grads, std::optional<double> max_norm,
+                            double noise_std, int64_t seed, int64_t offset,
+                            std::optional<double> clip_value, std::optional<double> smoothing,
+                            at::TensorList state);
+
+// ---- helpers ----
+
+constexpr int64_t kGrain = 16384;     // elements per parallel task (at least)
+constexpr int64_t kWordChunk = 1024;  // Philox words buffered per inner loop
+constexpr int64_t kSumChunk = 4096;   // fixed reduction chunk: results never depend
+                                      // on the number of threads
+
+// out[j] = word (start + j) of the stream (seed, offset), 0 <= j < n.
+inline void philox_words(uint64_t seed, uint64_t offset, uint64_t start, int64_t n,
+                         uint32_t* out) {
+  int64_t j = 0;
+  if (n > 0 && (start & 3)) {
+    Philox4 b = philox_block(seed, offset, start >> 2);
+    for (; j < n && ((start + j) & 3); ++j) out[j] = b.v[(start + j) & 3];
+  }
+  uint64_t first = (start + j) >> 2;
+  int64_t full = (n - j) / 4;
+  for (int64_t t = 0; t < full; ++t) {
+    Philox4 b = philox_block(seed, offset, first + t);
+    out[j + 4 * t] = b.v[0];
+    out[j + 4 * t + 1] = b.v[1];
+    out[j + 4 * t + 2] = b.v[2];
+    out[j + 4 * t + 3] = b.v[3];
+  }
+  j += 4 * full;
+  if (j < n) {
+    Philox4 b = philox_block(seed, offset, (start + j) >> 2);
+    for (int l = 0; j < n; ++j, ++l) out[j] = b.v[l];
+  }
+}
+
+// out[j] = Gaussian element (start + j) of the stream (words 2k, 2k+1), 0 <= j < n.
+inline void philox_normals(uint64_t seed, uint64_t offset, uint64_t start, int64_t n,
+                           double* out) {
+  for (int64_t j = 0; j < n;) {
+    uint64_t k = start + j;
+    Philox4 b = philox_block(seed, offset, k >> 1);
+    if ((k & 1) == 0) out[j++] = box_muller(b.v[0], b.v[1]);
+    if (j < n) out[j++] = box_muller(b.v[2], b.v[3]);
+  }
+}
+
+// Sum of f(k) for k in [begin, end) in float64, in a fixed order (8 lanes, then a
+// fixed pairwise combination), so the compiler may vectorize without reassociating.
+template <typename F>
+inline double lane_sum(int64_t begin, int64_t end, const F& f) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t k = begin;
+  for (; k + 8 <= end; k += 8)
+    for (int l = 0; l < 8; ++l) acc[l] += f(k + l);
+  for (int l = 0; k < end; ++k, ++l) acc[l] += f(k);
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+// Per-row sums for `rows` rows of length `len`: every row is cut into fixed chunks of
+// kSumChunk; partial(row, begin, end) -> double is evaluated in parallel, then the
+// partials of a row are added in chunk order. Deterministic for any thread count.
+template <typename F>
+inline std::vector<double> row_sums(int64_t rows, int64_t len, const F& partial) {
+  std::vector<double> sums(rows, 0.0);
+  if (rows == 0 || len == 0) return sums;
+  int64_t nchunks = (len + kSumChunk - 1) / kSumChunk;
+  std::vector<double> parts(rows * nchunks);
+  int64_t grain = std::max<int64_t>(1, kGrain / std::min(len, kSumChunk));
+  at::parallel_for(0, rows * nchunks, grain, [&](int64_t b, int64_t e) {
+    for (int64_t id = b; id < e; ++id) {
+      int64_t r = id / nchunks, ch = id % nchunks;
+      parts[id] = partial(r, ch * kSumChunk, std::min(len, (ch + 1) * kSumChunk));
+    }
+  });
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t ch = 0; ch < nchunks; ++ch) sums[r] += parts[r * nchunks + ch];
+  return sums;
+}
+
+}  // namespace cpu
+}  // namespace fastmask

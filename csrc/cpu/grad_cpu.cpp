@@ -1,0 +1,109 @@
+// CPU kernel: grad_clip_noise_ over a list of tensors (docs/ops.md), in two parallel
+// passes over fixed chunks that span all tensors (like torch._foreach / apex
+// multi_tensor_apply): per-chunk sums of squares, then scale, clip, noise, smoothing.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+#include <cmath>
+
+#include "cpu_ops.h"
+#include "fastmask/elementwise.h"
+
+namespace fastmask {
+namespace cpu {
+
+#define FASTMASK_DISPATCH_GRAD(TYPE, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, "grad_clip_noise_", __VA_ARGS__)
+
+namespace {
+struct Chunk {
+  int64_t t;     // tensor index
+  int64_t b, e;  // element range [b, e) inside the tensor
+};
+}  // namespace
+
+at::Tensor grad_clip_noise_(at::TensorList grads, std::optional<double> max_norm,
+                            double noise_std, int64_t seed, int64_t offset,
+                            std::optional<double> clip_value, std::optional<double> smoothing,
+                            at::TensorList state) {
+  check_grad_clip_noise_args(grads, max_norm, noise_std, clip_value, smoothing, state);
+  if (grads.empty()) return at::zeros({}, at::kFloat);
+  const int64_t n = (int64_t)grads.size();
+  const bool smooth = smoothing.has_value();
+  std::vector<at::Tensor> g(n), s(smooth ? n : 0);
+  std::vector<int64_t> base(n);  // global index of each tensor's first element
+  std::vector<Chunk> chunks;
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    g[i] = grads[i].contiguous();
+    if (smooth) s[i] = state[i].contiguous();
+    base[i] = total;
+    for (int64_t b = 0; b < g[i].numel(); b += kSumChunk)
+      chunks.push_back({i, b, std::min(g[i].numel(), b + kSumChunk)});
+    total += g[i].numel();
+  }
+  const int64_t nchunks = (int64_t)chunks.size();
+  const int64_t grain = total <= kGrain ? std::max<int64_t>(nchunks, 1) : kGrain / kSumChunk;
+
+  // Pass 1: sum of squares per chunk (float64), added in chunk order.
+  std::vector<double> parts(nchunks);
+  at::parallel_for(0, nchunks, grain, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      const Chunk ch = chunks[c];
+      FASTMASK_DISPATCH_GRAD(g[ch.t].scalar_type(), [&] {
+        using T = at::opmath_type<scalar_t>;
+        const scalar_t* p = g[ch.t].const_data_ptr<scalar_t>();
+        parts[c] = lane_sum(ch.b, ch.e, [&](int64_t k) { double v = (double)(T)p[k]; return v * v; });
+      });
+    }
+  });
+  double sumsq = 0.0;
+  for (double v : parts) sumsq += v;
+  const double norm = std::sqrt(sumsq);
+
+  // Pass 2: scale, clip, noise, smoothing.
+  const bool do_scale = max_norm.has_value(), do_clip = clip_value.has_value();
+  const bool do_noise = noise_std > 0.0;
+  const double scale = do_scale ? fm_min(1.0, *max_norm / (norm + 1e-6)) : 1.0;
+  const double clip = do_clip ? *clip_value : 0.0, beta = smooth ? *smoothing : 0.0;
+  const uint64_t sd = as_u64(seed), off = as_u64(offset);
+  if (do_scale || do_clip || do_noise || smooth) {
+    at::parallel_for(0, nchunks, grain, [&](int64_t cb, int64_t ce) {
+      double z[kWordChunk];
+      for (int64_t c = cb; c < ce; ++c) {
+        const Chunk ch = chunks[c];
+        FASTMASK_DISPATCH_GRAD(g[ch.t].scalar_type(), [&] {
+          using T = at::opmath_type<scalar_t>;
+          scalar_t* p = g[ch.t].data_ptr<scalar_t>();
+          scalar_t* sp = smooth ? s[ch.t].data_ptr<scalar_t>() : nullptr;
+          const T sc = (T)scale, cl = (T)clip, bt = (T)beta;
+          for (int64_t k = ch.b; k < ch.e; k += kWordChunk) {
+            int64_t len = std::min(kWordChunk, ch.e - k);
+            if (do_noise) {
+              philox_normals(sd, off, (uint64_t)(base[ch.t] + k), len, z);
+              for (int64_t t = 0; t < len; ++t) z[t] *= noise_std;
+            }
+            for (int64_t t = 0; t < len; ++t) {
+              T v = grad_clip_noise_elem<T>((T)p[k + t], sc, do_scale, cl, do_clip,
+                                            do_noise ? z[t] : 0.0, do_noise);
+              if (smooth) {
+                v = grad_smooth_elem<T>((T)sp[k + t], v, bt);
+                sp[k + t] = (scalar_t)v;
+              }
+              p[k + t] = (scalar_t)v;
+            }
+          }
+        });
+      }
+    });
+    for (int64_t i = 0; i < n; ++i) {
+      if (!grads[i].is_same(g[i])) grads[i].copy_(g[i]);
+      if (smooth && !state[i].is_same(s[i])) state[i].copy_(s[i]);
+    }
+  }
+  auto dtype = grads[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return at::scalar_tensor(norm, at::TensorOptions().dtype(dtype).device(grads[0].device()));
+}
+
+}  // namespace cpu
+}  // namespace fastmask

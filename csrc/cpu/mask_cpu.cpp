@@ -1,0 +1,164 @@
+// CPU kernels: philox, mask_generate, mask_apply, mask_apply_backward (docs/ops.md).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+#include "cpu_ops.h"
+
+namespace fastmask {
+namespace cpu {
+
+void philox_fill(const at::Tensor& out, uint64_t seed, uint64_t offset) {
+  int64_t n = out.numel();
+  int64_t* o = out.data_ptr<int64_t>();
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    uint32_t words[kWordChunk];
+    for (int64_t s = begin; s < end; s += kWordChunk) {
+      int64_t len = std::min(kWordChunk, end - s);
+      philox_words(seed, offset, (uint64_t)s, len, words);
+      for (int64_t t = 0; t < len; ++t) o[s + t] = (int64_t)words[t];
+    }
+  });
+}
+
+// Walks the N*C*H*W elements [begin, end) in pieces that stay inside one (n, c) plane
+// and hold at most kWordChunk elements: fn(plane, unit, j, len) with j the offset of
+// the piece inside the plane and unit the mask unit of the plane.
+template <typename Fn>
+static void for_each_piece(const MaskParams& p, int64_t begin, int64_t end, const Fn& fn) {
+  const int64_t HW = p.H * p.W;
+  for (int64_t e = begin; e < end;) {
+    int64_t plane = e / HW, j = e % HW;
+    int64_t len = std::min({end - e, HW - j, kWordChunk});
+    int64_t unit = mask_unit(plane / p.C, plane % p.C, p.C, p.spec.per_sample, p.spec.separate);
+    fn(plane, unit, j, len);
+    e += len;
+  }
+}
+
+void mask_generate_fill(const at::Tensor& out, const MaskParams& p) {
+  bool* o = out.data_ptr<bool>();
+  const int64_t HW = p.H * p.W, total = out.numel();
+  if (p.ratio == 0.0) {
+    out.fill_(true);
+    return;
+  }
+  at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
+    uint32_t words[kWordChunk];
+    for_each_piece(p, begin, end, [&](int64_t plane, int64_t unit, int64_t j, int64_t len) {
+      bool* op = o + plane * HW + j;
+      if (p.spec.mode == MaskMode::Block) {
+        BlockRect r = block_rect(p.seed, p.offset, unit, p.area, p.H, p.W);
+        for (int64_t t = 0; t < len; ++t)
+          op[t] = !block_masked(r, (j + t) / p.W, (j + t) % p.W);
+      } else {
+        philox_words(p.seed, p.offset, (uint64_t)(unit * HW + j), len, words);
+        for (int64_t t = 0; t < len; ++t) op[t] = philox_keep(words[t], p.threshold);
+      }
+    });
+  });
+}
+
+// y = x where kept; fill (pixel, block) or the 3x3 mean of x (blur) where masked.
+template <typename scalar_t>
+static void mask_apply_kernel(const scalar_t* x, scalar_t* y, const MaskParams& p,
+                              double fill) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const scalar_t fill_s = (scalar_t)(opmath_t)fill;
+  const int64_t HW = p.H * p.W, total = p.N * p.C * HW;
+  at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
+    uint32_t words[kWordChunk];
+    for_each_piece(p, begin, end, [&](int64_t plane, int64_t unit, int64_t j, int64_t len) {
+      const scalar_t* xp = x + plane * HW;
+      scalar_t* yp = y + plane * HW;
+      if (p.spec.mode == MaskMode::Block) {
+        BlockRect r = block_rect(p.seed, p.offset, unit, p.area, p.H, p.W);
+        for (int64_t t = 0; t < len; ++t) {
+          int64_t k = j + t;
+          yp[k] = block_masked(r, k / p.W, k % p.W) ? fill_s : xp[k];
+        }
+        return;
+      }
+      philox_words(p.seed, p.offset, (uint64_t)(unit * HW + j), len, words);
+      if (p.spec.mode == MaskMode::Pixel) {
+        for (int64_t t = 0; t < len; ++t)
+          yp[j + t] = philox_keep(words[t], p.threshold) ? xp[j + t] : fill_s;
+      } else {
+        for (int64_t t = 0; t < len; ++t) {
+          int64_t k = j + t;
+          yp[k] = philox_keep(words[t], p.threshold)
+                      ? xp[k]
+                      : (scalar_t)blur_at<opmath_t>(xp, p.H, p.W, k / p.W, k % p.W);
+        }
+      }
+    });
+  });
+}
+
+// Blur backward: gx[q] = keep_q g_q + sum_{masked neighbours p} g_p / cnt_p. The keep
+// bits of the rows a piece touches (plus one row each side) are computed once per piece.
+template <typename scalar_t>
+static void blur_backward_kernel(const scalar_t* g, scalar_t* gx, const MaskParams& p) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t H = p.H, W = p.W, HW = H * W, total = p.N * p.C * HW;
+  at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> words;
+    std::vector<uint8_t> keep;
+    for_each_piece(p, begin, end, [&](int64_t plane, int64_t unit, int64_t j, int64_t len) {
+      int64_t r0 = std::max<int64_t>(0, j / W - 1);
+      int64_t r1 = std::min<int64_t>(H, (j + len - 1) / W + 2);  // rows [r0, r1)
+      int64_t nk = (r1 - r0) * W;
+      words.resize(nk);
+      keep.resize(nk);
+      philox_words(p.seed, p.offset, (uint64_t)(unit * HW + r0 * W), nk, words.data());
+      for (int64_t t = 0; t < nk; ++t) keep[t] = philox_keep(words[t], p.threshold);
+      const uint8_t* kp = keep.data();
+      auto kept = [&](int64_t hh, int64_t ww) { return kp[(hh - r0) * W + ww] != 0; };
+      const scalar_t* gp = g + plane * HW;
+      scalar_t* op = gx + plane * HW;
+      for (int64_t t = 0; t < len; ++t) {
+        int64_t k = j + t;
+        op[k] = (scalar_t)blur_adjoint_at<opmath_t>(gp, kept, H, W, k / W, k % W);
+      }
+    });
+  });
+}
+
+static MaskParams mask_params_for(const at::Tensor& x, const char* name, double ratio,
+                                  int64_t seed, int64_t offset, std::string_view mode,
+                                  std::string_view scope, std::string_view channels) {
+  check_floating(x, name);
+  check_4d(x, name);
+  return make_mask_params(x.sizes(), ratio, seed, offset, mode, scope, channels);
+}
+
+at::Tensor mask_apply(const at::Tensor& x_in, double ratio, int64_t seed, int64_t offset,
+                      std::string_view mode, std::string_view scope,
+                      std::string_view channels, double fill) {
+  MaskParams p = mask_params_for(x_in, "x", ratio, seed, offset, mode, scope, channels);
+  at::Tensor x = x_in.contiguous();
+  if (ratio == 0.0 || x.numel() == 0) return x.clone(at::MemoryFormat::Contiguous);
+  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mask_apply", [&] {
+    mask_apply_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), p, fill);
+  });
+  return y;
+}
+
+at::Tensor mask_apply_backward(const at::Tensor& grad_in, double ratio, int64_t seed,
+                               int64_t offset, std::string_view mode, std::string_view scope,
+                               std::string_view channels) {
+  MaskParams p = mask_params_for(grad_in, "grad", ratio, seed, offset, mode, scope, channels);
+  at::Tensor g = grad_in.contiguous();
+  if (ratio == 0.0 || g.numel() == 0) return g.clone(at::MemoryFormat::Contiguous);
+  at::Tensor gx = at::empty_like(g, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "mask_apply_backward", [&] {
+    if (p.spec.mode == MaskMode::Blur)
+      blur_backward_kernel<scalar_t>(g.const_data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), p);
+    else  // pixel / block: grad where kept, 0 elsewhere
+      mask_apply_kernel<scalar_t>(g.const_data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), p, 0.0);
+  });
+  return gx;
+}
+
+}  // namespace cpu
+}  // namespace fastmask

@@ -1,0 +1,125 @@
+// Op schemas (exactly docs/ops.md), CPU registrations, the tensor-less ops and the
+// Python module `fastmask._C` (importing it registers the ops as torch.ops.fastmask.*).
+//
+// philox and mask_generate take no tensor, so the dispatcher has no device to go by.
+// They are CompositeExplicitAutograd kernels that validate, allocate on `device`
+// (default CPU) and call that device's launcher: the CPU one directly, the CUDA one
+// through cuda_launchers(), which csrc/cuda fills at static-init time. A meta device
+// gets an empty tensor of the right shape. Fake kernels live in fastmask/ops.py.
+#include <torch/library.h>
+#include <torch/extension.h>
+
+#include "cpu/cpu_ops.h"
+#include "fastmask/common.h"
+
+#ifndef FASTMASK_TORCH_VERSION
+#define FASTMASK_TORCH_VERSION "unknown"
+#endif
+
+namespace fastmask {
+
+DeviceLaunchers& cuda_launchers() {
+  static DeviceLaunchers table;
+  return table;
+}
+
+static at::Device target_device(const std::optional<at::Device>& device) {
+  return device.has_value() ? *device : at::Device(at::kCPU);
+}
+
+at::Tensor philox(int64_t seed, int64_t offset, int64_t n, std::optional<at::Device> device) {
+  TORCH_CHECK_VALUE(n >= 0, "n must be >= 0, got ", n);
+  at::Device dev = target_device(device);
+  at::Tensor out = at::empty({n}, at::TensorOptions().dtype(at::kLong).device(dev));
+  if (n == 0 || dev.is_meta()) return out;
+  if (dev.is_cpu()) {
+    cpu::philox_fill(out, as_u64(seed), as_u64(offset));
+  } else if (dev.is_cuda()) {
+    TORCH_CHECK(cuda_launchers().philox != nullptr,
+                "philox: device ", dev, " requested but fastmask was built without CUDA");
+    cuda_launchers().philox(out, as_u64(seed), as_u64(offset));
+  } else {
+    TORCH_CHECK(false, "philox: unsupported device ", dev);
+  }
+  return out;
+}
+
+at::Tensor mask_generate(at::IntArrayRef shape, double ratio, int64_t seed, int64_t offset,
+                         c10::string_view mode, c10::string_view scope,
+                         c10::string_view channels, std::optional<at::Device> device) {
+  TORCH_CHECK_VALUE(shape.size() == 4, "shape must have 4 entries (N, C, H, W), got ", shape);
+  for (int64_t s : shape) TORCH_CHECK_VALUE(s >= 0, "shape must be non-negative, got ", shape);
+  MaskParams p = make_mask_params(shape, ratio, seed, offset, mode, scope, channels);
+  at::Device dev = target_device(device);
+  at::Tensor out = at::empty(shape, at::TensorOptions().dtype(at::kBool).device(dev));
+  if (out.numel() == 0 || dev.is_meta()) return out;
+  if (dev.is_cpu()) {
+    cpu::mask_generate_fill(out, p);
+  } else if (dev.is_cuda()) {
+    TORCH_CHECK(cuda_launchers().mask_generate != nullptr, "mask_generate: device ", dev,
+                " requested but fastmask was built without CUDA");
+    cuda_launchers().mask_generate(out, p);
+  } else {
+    TORCH_CHECK(false, "mask_generate: unsupported device ", dev);
+  }
+  return out;
+}
+
+}  // namespace fastmask
+
+TORCH_LIBRARY(fastmask, m) {
+  m.def("philox(int seed, int offset, int n, Device? device=None) -> Tensor");
+  m.def("mask_generate(int[] shape, float ratio, int seed, int offset, str mode, str scope, "
+        "str channels, Device? device=None) -> Tensor");
+  m.def("mask_apply(Tensor x, float ratio, int seed, int offset, str mode, str scope, "
+        "str channels, float fill) -> Tensor");
+  m.def("mask_apply_backward(Tensor grad, float ratio, int seed, int offset, str mode, "
+        "str scope, str channels) -> Tensor");
+  m.def("fgsm(Tensor x, Tensor grad, float eps, float lo, float hi) -> Tensor");
+  m.def("pgd_step(Tensor x_adv, Tensor x_nat, Tensor grad, float alpha, float eps, float lo, "
+        "float hi, str norm) -> Tensor");
+  m.def("pgd_step_(Tensor(a!) x_adv, Tensor x_nat, Tensor grad, float alpha, float eps, "
+        "float lo, float hi, str norm) -> ()");
+  m.def("random_start(Tensor x, float eps, int seed, int offset, str norm, float lo, "
+        "float hi) -> Tensor");
+  m.def("grad_clip_noise_(Tensor(a!)[] grads, float? max_norm, float noise_std, int seed, "
+        "int offset, float? clip_value, float? smoothing, Tensor(b!)[] state) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastmask, CompositeExplicitAutograd, m) {
+  m.impl("philox", &fastmask::philox);
+  m.impl("mask_generate", &fastmask::mask_generate);
+}
+
+TORCH_LIBRARY_IMPL(fastmask, CPU, m) {
+  m.impl("mask_apply", &fastmask::cpu::mask_apply);
+  m.impl("mask_apply_backward", &fastmask::cpu::mask_apply_backward);
+  m.impl("fgsm", &fastmask::cpu::fgsm);
+  m.impl("pgd_step", &fastmask::cpu::pgd_step);
+  m.impl("pgd_step_", &fastmask::cpu::pgd_step_);
+  m.impl("random_start", &fastmask::cpu::random_start);
+  m.impl("grad_clip_noise_", &fastmask::cpu::grad_clip_noise_);
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastmask C++ ops (registered as torch.ops.fastmask.*)";
+  m.def("cuda_compiled", []() {
+#ifdef FASTMASK_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  }, "True if the CUDA kernels were compiled in.");
+  m.def("build_info", []() {
+    pybind11::dict d;
+#ifdef FASTMASK_WITH_CUDA
+    d["cuda"] = true;
+#else
+    d["cuda"] = false;
+#endif
+    d["torch"] = FASTMASK_TORCH_VERSION;
+    d["cxx_standard"] = (long)__cplusplus;
+    d["compiler"] = __VERSION__;
+    return d;
+  }, "Build information: cuda, torch version, C++ standard, compiler.");
+}
