@@ -1,0 +1,111 @@
+"""The paper's two models (section VI), with an optional FeatureMask in front.
+
+Every row of the experiment uses the same architecture: only `model.mask`
+differs (nn.Identity when there is no masking).
+
+    mlp: 784 -> 256 -> 128 -> 10, ReLU
+    cnn: conv 32 3x3, ReLU, maxpool 2 -> conv 64 3x3, ReLU, maxpool 2 -> dense 128, ReLU -> 10
+
+Checkpoints are plain dicts (tensors, str, int, float, bool, lists, dicts) so
+that torch.load(weights_only=True) can read them.
+"""
+import io
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .data import atomic_write_bytes
+
+MODELS = ("mlp", "cnn")
+CHECKPOINT_KIND = "fastmask-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or not a fastmask checkpoint."""
+
+
+def body(name):
+    if name == "mlp":
+        return nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(),
+                             nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10))
+    if name == "cnn":
+        return nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                             nn.Linear(64 * 5 * 5, 128), nn.ReLU(), nn.Linear(128, 10))
+    raise ValueError(f"model={name!r} is not one of {MODELS}")
+
+
+class Net(nn.Module):
+    """mask (FeatureMask or identity) followed by the classifier; input N x 1 x 28 x 28 in [0, 1]."""
+
+    def __init__(self, name, mask_cfg=None):
+        super().__init__()
+        self.name = name
+        self.mask_cfg = dict(mask_cfg) if mask_cfg else None
+        if self.mask_cfg:
+            from .nn import FeatureMask
+            self.mask = FeatureMask(**self.mask_cfg)
+        else:
+            self.mask = nn.Identity()
+        self.net = body(name)
+
+    def forward(self, x):
+        return self.net(self.mask(x))
+
+
+def build(name, mask_cfg=None, seed=None):
+    """A fresh model; `seed` makes the initial weights reproducible without touching the global RNG."""
+    if seed is None:
+        return Net(name, mask_cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Net(name, mask_cfg)
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def save(path, model, config, data_hash):
+    """Write a checkpoint atomically: weights, the row's config and the data hash."""
+    if not isinstance(model, Net):
+        raise TypeError(f"save expects a fastmask.models.Net, got {type(model).__name__}")
+    blob = {"kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION, "model": model.name,
+            "mask_cfg": model.mask_cfg, "config": config, "data_hash": data_hash,
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    buf = io.BytesIO()
+    torch.save(blob, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def read_checkpoint(path):
+    """The checkpoint dict, after checking it is one; CheckpointError naming the path otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} is unreadable: {first}") from None
+    if not isinstance(blob, dict) or blob.get("kind") != CHECKPOINT_KIND:
+        raise CheckpointError(f"{path} is not a fastmask checkpoint")
+    if blob.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {blob.get('version')!r}, "
+                              f"expected {CHECKPOINT_VERSION}")
+    return blob
+
+
+def load(path, with_meta=False):
+    """A ready model (eval mode) from a checkpoint; with_meta=True also returns the dict."""
+    blob = read_checkpoint(path)
+    try:
+        model = Net(blob["model"], blob["mask_cfg"])
+        model.load_state_dict(blob["state_dict"])
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} does not fit its model: {first}") from None
+    model.eval()
+    return (model, blob) if with_meta else model

@@ -1,0 +1,171 @@
+"""Training, as in the paper's section V, plus a metrics helper.
+
+Per epoch: shuffle (seeded torch.Generator); per batch: forward through the
+model (its FeatureMask draws a fresh mask in training mode), cross-entropy,
+backward, gradient manipulation (fastmask.nn.GradManipulator: clip by global
+norm, clamp, Gaussian noise, smoothing, one fused op), optimizer step. After
+each epoch the model is validated WITHOUT masking (eval mode).
+
+adv_train="fgsm" is fast adversarial training (Wong, Rice and Kolter 2020):
+x0 = x + uniform(-eps, eps) (ops.random_start), one signed-gradient step of
+alpha = 1.25 eps from x0, projected back to the eps-ball around x and to [0, 1]
+(ops.pgd_step: the fgsm step and the projection, fused). It combines with
+masking (the attack sees the model's masked forward) and gradient manipulation.
+
+Same seed, same machine, same thread count: identical numbers.
+"""
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .data import to_float
+
+OPTIMIZERS = ("adam", "sgd")
+ADV_TRAIN = (None, "fgsm")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9       # sgd only
+    weight_decay: float = 0.0
+    seed: int = 0
+    grad: dict = field(default_factory=dict)  # GradManipulator kwargs: max_norm, noise_std, clip_value, smoothing
+    adv_train: str = None       # None or "fgsm"
+    adv_eps: float = 0.1
+    eval_batch: int = 1000
+
+    def __post_init__(self):
+        for k in ("epochs", "batch_size", "eval_batch"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{k}={v!r} must be a positive int")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr!r} must be > 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={self.optimizer!r} is not one of {OPTIMIZERS}")
+        if self.adv_train not in ADV_TRAIN:
+            raise ValueError(f"adv_train={self.adv_train!r} is not one of {ADV_TRAIN}")
+        if self.adv_train and not self.adv_eps > 0:
+            raise ValueError(f"adv_eps={self.adv_eps!r} must be > 0 for adversarial training")
+        unknown = set(self.grad or {}) - {"max_norm", "noise_std", "clip_value", "smoothing"}
+        if unknown:
+            raise ValueError(f"grad has unknown keys {sorted(unknown)}")
+
+    def to_dict(self):
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- metrics
+def confusion_matrix(pred, y, n_classes=10):
+    """cm[i, j] = number of samples of true class i predicted as j."""
+    return torch.bincount(y * n_classes + pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def classification_metrics(pred, y, n_classes=10):
+    """Accuracy and macro precision/recall/F1 (0 where a class has no prediction/sample), and the confusion matrix."""
+    cm = confusion_matrix(pred, y, n_classes).to(torch.float64)
+    tp = cm.diag()
+    pred_n, true_n = cm.sum(0), cm.sum(1)
+    prec = torch.where(pred_n > 0, tp / pred_n.clamp_min(1), torch.zeros_like(tp))
+    rec = torch.where(true_n > 0, tp / true_n.clamp_min(1), torch.zeros_like(tp))
+    f1 = torch.where(prec + rec > 0, 2 * prec * rec / (prec + rec).clamp_min(1e-300), torch.zeros_like(tp))
+    return {"accuracy": (tp.sum() / max(len(y), 1)).item(), "precision": prec.mean().item(),
+            "recall": rec.mean().item(), "f1": f1.mean().item(),
+            "confusion": cm.to(torch.int64).tolist()}
+
+
+@torch.no_grad()
+def predict(model, x, batch_size=1000):
+    """Logits of the model in eval mode (x uint8 or float in [0, 1]); the training flag is restored."""
+    was = model.training
+    model.eval()
+    try:
+        out = [model(to_float(xb) if xb.dtype == torch.uint8 else xb) for xb in x.split(batch_size)]
+    finally:
+        model.train(was)
+    return torch.cat(out) if out else torch.empty(0, 10)
+
+
+def validate(model, x, y, batch_size=1000):
+    logits = predict(model, x, batch_size)
+    m = classification_metrics(logits.argmax(1), y)
+    m["loss"] = F.cross_entropy(logits, y).item()
+    return m
+
+
+# ---------------------------------------------------------------- training
+def make_optimizer(model, cfg):
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def fgsm_example(model, x, y, eps, seed, step):
+    """Fast-AT example: random start in the eps-ball, one step of 1.25 eps, projected (Wong et al. 2020)."""
+    from . import ops
+    x0 = ops.random_start(x, eps, seed, step, "inf", 0.0, 1.0).requires_grad_(True)
+    loss = F.cross_entropy(model(x0), y)
+    (g,) = torch.autograd.grad(loss, x0)  # input gradient only: no parameter .grad is touched
+    return ops.pgd_step(x0.detach(), x, g, 1.25 * eps, eps, 0.0, 1.0, "inf")
+
+
+def train(model, data, cfg, progress=False, log=None):
+    """Train `model` on data.x_train with cfg (TrainConfig or dict). Returns a dict with the
+    per-epoch history (loss, train_acc on the masked batches, val metrics, time) and train_time."""
+    if isinstance(cfg, dict):
+        cfg = TrainConfig(**cfg)
+    opt = make_optimizer(model, cfg)
+    manip = None
+    if any(v for v in (cfg.grad or {}).values()):
+        from .nn import GradManipulator
+        manip = GradManipulator(list(model.parameters()), seed=cfg.seed + 2, **cfg.grad)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n, bs = len(data.y_train), cfg.batch_size
+    history, step, train_time = [], 0, 0.0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.epochs * ((n + bs - 1) // bs), leave=False, dynamic_ncols=True)
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        perm = torch.randperm(n, generator=gen)
+        loss_sum, correct = 0.0, 0
+        for i in range(0, n, bs):
+            idx = perm[i:i + bs]
+            x, y = to_float(data.x_train[idx]), data.y_train[idx]
+            if cfg.adv_train == "fgsm":
+                x = fgsm_example(model, x, y, cfg.adv_eps, cfg.seed + 3, step)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if manip is not None:
+                manip.step()
+            opt.step()
+            step += 1
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            if bar is not None:
+                bar.update(1)
+                bar.set_description(f"epoch {epoch}/{cfg.epochs} loss {loss.item():.3f}")
+        dt = time.perf_counter() - t0
+        train_time += dt
+        val = validate(model, data.x_val, data.y_val, cfg.eval_batch)
+        row = {"epoch": epoch, "loss": loss_sum / n, "train_acc": correct / n,
+               "val_loss": val["loss"], "val_acc": val["accuracy"], "val_precision": val["precision"],
+               "val_recall": val["recall"], "val_f1": val["f1"], "time": dt}
+        history.append(row)
+        if log is not None:
+            log(f"  epoch {epoch}: loss {row['loss']:.4f} train acc {row['train_acc']:.4f} "
+                f"val acc {row['val_acc']:.4f} ({dt:.1f} s)")
+    if bar is not None:
+        bar.close()
+    model.eval()
+    return {"history": history, "train_time": train_time, "steps": step}
