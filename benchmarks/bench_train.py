@@ -1,0 +1,101 @@
+"""Training throughput with masking: the paper's "training time increase" column.
+
+A fixed number of training steps (Adam, cross-entropy, batches of 128 MNIST
+images) of the paper's MLP and CNN with no mask, and with 10/30/50 % of the
+pixels masked, random (a fresh mask per image per step) or fixed (one mask for
+all), either fused (fastmask.nn.FeatureMask in front of the model) or eager
+(`x * (torch.rand_like(x) >= r)`, and `x * M` with a precomputed M for fixed).
+Every variant is timed interleaved with the unmasked baseline, so the reported
+increase is t(variant) / t(no mask) - 1 on the same machine state.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks import harness
+
+RATIOS = (0.1, 0.3, 0.5)
+BATCH = 128
+
+
+class EagerMask(nn.Module):
+    """The mask a user writes by hand: random per element, or one fixed M."""
+
+    def __init__(self, ratio, fixed, shape=(1, 28, 28), seed=0):
+        super().__init__()
+        self.ratio, self.fixed = ratio, fixed
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("m", (torch.rand((1,) + shape, generator=g) >= ratio).float())
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        if self.fixed:
+            return x * self.m
+        return x * (torch.rand_like(x) >= self.ratio)
+
+
+def fused_mask(ratio, fixed):
+    from fastmask.nn import FeatureMask
+    return FeatureMask(ratio=ratio, scope="fixed" if fixed else "sample", seed=0)
+
+
+def batches(n_batches, batch, device):
+    """A pool of real MNIST training batches (uniform noise if MNIST is not found offline)."""
+    try:
+        from fastmask import data
+        d = data.load("mnist")
+        x, y = data.to_float(d.x_train[:n_batches * batch]), d.y_train[:n_batches * batch]
+        source = "MNIST train"
+    except Exception:
+        g = torch.Generator().manual_seed(0)
+        x = torch.rand(n_batches * batch, 1, 28, 28, generator=g)
+        y = torch.randint(0, 10, (n_batches * batch,), generator=g)
+        source = "uniform noise"
+    return list(zip(x.to(device).split(batch), y.to(device).split(batch))), source
+
+
+def trainer(arch, mask, pool, device):
+    """A callable doing one training step (the next batch of the pool) on its own model copy."""
+    from fastmask import models
+    net = models.build(arch, seed=0).net
+    model = nn.Sequential(mask, net).to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    state = {"i": 0}
+
+    def step():
+        x, y = pool[state["i"] % len(pool)]
+        state["i"] += 1
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return step
+
+
+def bench(args, report):
+    dev = args.device
+    batch = 16 if args.tiny else BATCH
+    ratios = (0.3,) if args.tiny else RATIOS
+    pool, source = batches(8, batch, dev)
+    opts = harness.timing_opts(args)
+    opts.update(target_s=0.02 if args.tiny else (0.15 if args.quick else 0.5))
+    for arch in ("mlp",) if args.tiny else ("mlp", "cnn"):
+        variants = {"no mask": trainer(arch, nn.Identity(), pool, dev)}
+        for r in ratios:
+            for fixed in (False, True):
+                pat = "fixed" if fixed else "random"
+                variants[f"fused {pat} {r:.0%}"] = trainer(arch, fused_mask(r, fixed), pool, dev)
+                variants[f"eager {pat} {r:.0%}"] = trainer(arch, EagerMask(r, fixed), pool, dev)
+        t = harness.compare(variants, **opts)
+        base = t["no mask"]["median_s"]
+        metrics, checks = {}, []
+        for k, v in t.items():
+            inc = v["median_s"] / base - 1
+            metrics[k] = {"steps/s": 1 / v["median_s"], "images/s": batch / v["median_s"],
+                          "increase": inc}
+            if k.startswith("fused"):
+                checks.append(harness.check(f"{arch} {k} training time increase", inc, 0.02, False))
+        report.add("train", f"{arch} train step, batch {batch} ({source}), Adam", t,
+                   baseline="no mask", metrics=metrics, checks=checks,
+                   params={"model": arch, "batch": batch, "ratios": list(ratios), "optimizer": "Adam",
+                           "mode": "pixel", "channels": "shared"})

@@ -1,0 +1,280 @@
+"""Shared benchmark methodology: timing, machine facts, checks, table and JSON.
+
+Every comparison is a ratio between implementations timed in the same run:
+each function is warmed up, then called `inner` times per sample (inner is
+chosen so that one sample lasts about `target_s`), and the samples are
+interleaved (A B C, B C A, C A B, ...) so that a slow patch of a busy machine
+hits every implementation alike. We report the median per-call time with the
+min and max over the samples. On CUDA a sample is timed with CUDA events.
+"""
+import argparse
+import datetime
+import importlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+SCHEMA = "fastmask-bench/1"
+BENCHES = ("ops", "attacks", "train", "memory")
+
+
+# ----------------------------------------------------------------------------- timing
+
+def setup_threads(n=None):
+    """Use n threads (default: every core); recorded in the JSON. Returns the count."""
+    torch.set_num_threads(n or os.cpu_count() or 1)
+    return torch.get_num_threads()
+
+
+def synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _sample(fn, inner, device):
+    """Seconds per call of fn, averaged over `inner` back-to-back calls."""
+    if torch.device(device).type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / inner
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - t0) / inner
+
+
+def compare(fns, *, device="cpu", repeats=7, warmup=2, target_s=0.02):
+    """Time each callable of `fns` ({name: fn}); returns {name: stats dict}.
+
+    stats: median_s, min_s, max_s (seconds per call), repeats, inner.
+    """
+    if repeats < 1 or warmup < 0 or target_s <= 0:
+        raise ValueError(f"repeats={repeats}, warmup={warmup}, target_s={target_s}: "
+                         "need repeats >= 1, warmup >= 0, target_s > 0")
+    names = list(fns)
+    inner = {}
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+        synchronize(device)
+        once = _sample(fns[name], 1, device)
+        inner[name] = max(1, min(10_000, math.ceil(target_s / max(once, 1e-9))))
+    samples = {name: [] for name in names}
+    for rep in range(repeats):
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        for name in order:
+            samples[name].append(_sample(fns[name], inner[name], device))
+    return {name: {"median_s": statistics.median(s), "min_s": min(s), "max_s": max(s),
+                   "repeats": repeats, "inner": inner[name]} for name, s in samples.items()}
+
+
+def timing_opts(args):
+    """repeats / warmup / target_s for a tiny (tests), quick or full pass."""
+    device = args.device
+    if getattr(args, "tiny", False):
+        return {"device": device, "repeats": 2, "warmup": 0, "target_s": 1e-4}
+    if args.quick:
+        return {"device": device, "repeats": 3, "warmup": 1, "target_s": 0.005}
+    return {"device": device, "repeats": 11, "warmup": 3, "target_s": 0.05}
+
+
+def check(what, value, target, higher_is_better=True):
+    """A target met or missed: {what, value, target, met}; value None = not measured."""
+    if value is None:
+        met = None
+    else:
+        met = value >= target if higher_is_better else value <= target
+    op = ">=" if higher_is_better else "<="
+    return {"what": what, "value": value, "target": f"{op} {target:g}", "met": met}
+
+
+# ----------------------------------------------------------------------------- facts
+
+def _version(module):
+    try:
+        return getattr(importlib.import_module(module), "__version__", "unknown")
+    except Exception:
+        return None
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device="cpu"):
+    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "platform": platform.platform(), "python": platform.python_version(),
+            "gpu": None}
+    if hasattr(os, "getloadavg"):
+        info["load_avg_1_5_15"] = [round(v, 2) for v in os.getloadavg()]
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device).index or 0)
+    return info
+
+
+def versions():
+    v = {"torch": torch.__version__, "fastmask": _version("fastmask"),
+         "fastmask_extension": None, "torchattacks": _version("torchattacks"),
+         "art": _version("art"), "numpy": _version("numpy")}
+    try:
+        from fastmask import ops
+        v["fastmask_extension"] = bool(ops.extension_loaded())
+    except Exception as e:  # ops.py missing or broken: say so rather than guess
+        v["fastmask_extension"] = f"unavailable: {type(e).__name__}: {e}"
+    return v
+
+
+# ----------------------------------------------------------------------------- report
+
+class Report:
+    """Results of one run: printed as a table, written as JSON."""
+
+    def __init__(self, args, argv):
+        self.args = args
+        self.command = "python -m benchmarks " + " ".join(argv)
+        self.results = []
+        self.notes = []
+        self.elapsed = {}  # bench -> seconds it took
+
+    def add(self, bench, case, timings, *, params=None, metrics=None, checks=None,
+            baseline=None, unit="s"):
+        """timings: {impl: stats}; metrics: {impl: {name: value}}; baseline: impl for ratios."""
+        r = {"bench": bench, "case": case, "params": params or {}, "timings": timings,
+             "metrics": metrics or {}, "checks": checks or [], "baseline": baseline}
+        self.results.append(r)
+        self._print(r)
+        return r
+
+    def note(self, text):
+        self.notes.append(text)
+        print(f"  note: {text}", flush=True)
+
+    def _print(self, r):
+        print(f"\n[{r['bench']}] {r['case']}", flush=True)
+        base = r["timings"].get(r["baseline"]) if r["baseline"] else None
+        for impl in dict.fromkeys(list(r["timings"]) + list(r["metrics"])):
+            t = r["timings"].get(impl)
+            time_s = f"{_fmt_s(t['median_s'])} [{_fmt_s(t['min_s'])} .. {_fmt_s(t['max_s'])}]" if t else ""
+            ratio = f"  x{base['median_s'] / t['median_s']:.2f} vs {r['baseline']}" \
+                if base and t and impl != r["baseline"] else ""
+            extra = "  ".join(f"{k}={_fmt(v)}" for k, v in r["metrics"].get(impl, {}).items())
+            print(f"  {impl:<22} {time_s}{ratio}  {extra}", flush=True)
+        for c in r["checks"]:
+            print(f"  {_mark(c['met'])} {c['what']}: {_fmt(c['value'])} (target {c['target']})",
+                  flush=True)
+
+    def summary(self):
+        checks = [c for r in self.results for c in r["checks"]]
+        return {"met": sum(c["met"] is True for c in checks),
+                "missed": sum(c["met"] is False for c in checks),
+                "not_measured": sum(c["met"] is None for c in checks)}
+
+    def to_dict(self):
+        return {"schema": SCHEMA, "command": self.command,
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "quick": bool(self.args.quick), "device": self.args.device,
+                "only": list(self.args.only), "machine": machine_info(self.args.device),
+                "versions": versions(), "results": self.results,
+                "checks_summary": self.summary(), "notes": self.notes,
+                "elapsed_s": self.elapsed}
+
+    def finish(self):
+        d = self.to_dict()
+        s = d["checks_summary"]
+        print(f"\ntargets: {s['met']} met, {s['missed']} missed, {s['not_measured']} not measured")
+        missed = [(r["case"], c) for r in self.results for c in r["checks"] if c["met"] is False]
+        for case, c in missed:
+            print(f"  MISSED [{case}] {c['what']}: {_fmt(c['value'])} (target {c['target']})")
+        if self.args.json:
+            with open(self.args.json, "w") as f:
+                json.dump(d, f, indent=1)
+            print(f"wrote {self.args.json}")
+        return d
+
+
+def _mark(met):
+    return {True: "ok  ", False: "MISS", None: "n/a "}[met]
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def _fmt_s(s):
+    if s >= 1:
+        return f"{s:8.3f} s "
+    if s >= 1e-3:
+        return f"{s * 1e3:8.3f} ms"
+    return f"{s * 1e6:8.1f} us"
+
+
+# ----------------------------------------------------------------------------- command line
+
+def parser(prog="python -m benchmarks", only_default=BENCHES):
+    p = argparse.ArgumentParser(prog=prog, description="fastmask benchmarks: ratios against "
+                                "the eager PyTorch code and the libraries users would pick instead")
+    p.add_argument("--quick", action="store_true", help="small sizes, few repeats (a smoke pass)")
+    p.add_argument("--json", metavar="PATH", help="write every result to this JSON file")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--only", default=",".join(only_default),
+                   help=f"comma-separated subset of {','.join(BENCHES)}")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: os.cpu_count(); 1 is steadier on a shared machine)")
+    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: seconds
+    return p
+
+
+def parse_args(argv, prog="python -m benchmarks", only_default=BENCHES):
+    args = parser(prog, only_default).parse_args(argv)
+    args.only = [s.strip() for s in args.only.split(",") if s.strip()]
+    bad = [s for s in args.only if s not in BENCHES]
+    if bad:
+        raise SystemExit(f"--only: {bad} not in {list(BENCHES)}")
+    if args.device not in ("cpu", "cuda"):
+        raise SystemExit(f"--device={args.device!r}: expected cpu or cuda")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device=cuda: torch sees no CUDA device")
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"--threads={args.threads}: need >= 1")
+    if args.tiny:
+        args.quick = True
+    return args
+
+
+def run(argv=None, prog="python -m benchmarks", only_default=BENCHES):
+    """Parse argv, run the chosen benchmarks, print the table, write JSON; returns the dict."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv, prog, only_default)
+    setup_threads(args.threads)
+    report = Report(args, argv)
+    m, v = machine_info(args.device), versions()
+    print(f"machine: {m}\nversions: {v}", flush=True)
+    if v["fastmask_extension"] is not True:
+        report.note(f"fastmask extension not loaded ({v['fastmask_extension']}): "
+                    "fastmask numbers are the pure-PyTorch fallback")
+    for name in args.only:
+        t0 = time.perf_counter()
+        module = importlib.import_module(f"benchmarks.bench_{name}")
+        module.bench(args, report)
+        report.elapsed[name] = round(time.perf_counter() - t0, 2)
+        print(f"\n({name}: {report.elapsed[name]:.1f} s)", flush=True)
+    return report.finish()
