@@ -1,0 +1,294 @@
+"""Clean metrics, accuracy under attack, gradient-masking checks and the honest report.
+
+- evaluate(model, x, y): accuracy, loss, macro precision/recall/F1, confusion
+  matrix, inference time, model size (the paper's Table II metrics).
+- robustness(model, x, y, eps_list=...): accuracy per attack per eps, the
+  per-sample correctness behind it, and the robust accuracy (per sample, the
+  worst case over the clean input and every attack run).
+- sanity_checks(results): the usual signs that an evaluation is fooled by
+  gradient masking (Athalye et al. 2018; Carlini et al. 2019).
+- honest_report(models, x, y): per model, accuracy vs eps for FGSM, PGD, PGD
+  with restarts, EOT-PGD and frozen-mask PGD (when masked at test time) and
+  transfer, with the checks and McNemar tests against a baseline.
+
+test_mask=True evaluates a model the way a randomized defence is deployed: its
+FeatureMask modules draw a fresh mask at every forward (attacks.model_state
+"random"); the draws never repeat inside one call and the model's offsets are
+restored afterwards.
+"""
+import time
+
+import torch
+import torch.nn.functional as F
+
+from . import attacks as A
+from . import stats
+
+__all__ = ["evaluate", "predict", "robustness", "sanity_checks", "honest_report", "format_report",
+           "model_size_bytes", "HONEST_EPS"]
+
+HONEST_EPS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 1.0)
+
+
+def model_size_bytes(model):
+    """Bytes of all parameters and buffers (what a state_dict holds, without its pickling overhead)."""
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def _logits(model, x, batch_size):
+    dev = A._device(model, x)
+    with torch.no_grad():
+        return torch.cat([model(x[i:i + batch_size].to(dev)).float().cpu() for i in range(0, len(x), batch_size)])
+
+
+def predict(model, x, *, batch_size=1000, masks="model"):
+    """Predicted labels (CPU int64), the model left unchanged."""
+    A._positive_int("batch_size", batch_size)
+    with A.model_state(model, masks):
+        return _logits(model, x, batch_size).argmax(1)
+
+
+def evaluate(model, x, y, *, batch_size=1000, num_classes=None, masks="model"):
+    """Clean metrics of `model` on (x, y).
+
+    Returns n, accuracy, loss (mean cross-entropy), precision / recall / f1
+    (macro over the classes present in y or in the predictions, 0 where
+    undefined, as scikit-learn), per-class lists, confusion (rows: true class,
+    columns: predicted), correct (per-sample bool tensor), inference_time_s
+    (wall time of all forwards), model_size_bytes and model_size_mb (10^6 bytes).
+    """
+    A._check(x, y, batch_size)
+    with A.model_state(model, masks):
+        if x.device.type == "cuda" or A._device(model, x).type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        logits = _logits(model, x, batch_size)
+        elapsed = time.perf_counter() - t0
+    y = y.cpu()
+    k = num_classes or logits.shape[1]
+    if y.numel() and (y.min() < 0 or y.max() >= k):
+        raise ValueError(f"labels must be in [0, {k}), got min {int(y.min())} max {int(y.max())}")
+    pred = logits.argmax(1)
+    conf = torch.bincount(y * k + pred, minlength=k * k).view(k, k)
+    tp = conf.diag().double()
+    npred, ntrue = conf.sum(0).double(), conf.sum(1).double()
+    prec = torch.where(npred > 0, tp / npred.clamp(min=1), torch.zeros_like(tp))
+    rec = torch.where(ntrue > 0, tp / ntrue.clamp(min=1), torch.zeros_like(tp))
+    f1 = torch.where(prec + rec > 0, 2 * prec * rec / (prec + rec).clamp(min=1e-300), torch.zeros_like(tp))
+    present = (npred > 0) | (ntrue > 0)
+    correct = pred == y
+    size = model_size_bytes(model)
+    return {"n": len(y), "accuracy": correct.double().mean().item(),
+            "loss": F.cross_entropy(logits, y).item(),
+            "precision": prec[present].mean().item(), "recall": rec[present].mean().item(),
+            "f1": f1[present].mean().item(),
+            "per_class": {"precision": prec.tolist(), "recall": rec.tolist(), "f1": f1.tolist()},
+            "confusion": conf.tolist(), "correct": correct, "inference_time_s": elapsed,
+            "model_size_bytes": size, "model_size_mb": size / 1e6}
+
+
+def _attack_fn(name, eps, cfg):
+    """attack(model, x, y) for a built-in name (transfer is handled by the caller)."""
+    return A.make_attack(name, eps, steps=cfg["pgd_steps"], alpha=cfg["pgd_alpha"], restarts=cfg["restarts"],
+                         samples=cfg["eot_samples"], seed=cfg["seed"], masks=cfg["masks"],
+                         batch_size=cfg["batch_size"])
+
+
+def robustness(model, x, y, *, eps_list, attacks=("fgsm", "pgd"), pgd_steps=40, pgd_alpha=0.01, restarts=1,
+               test_mask=False, batch_size=500, seed=0, eot_samples=20, surrogate=None):
+    """Accuracy of `model` under each attack at each eps (L-inf, inputs in [0, 1]).
+
+    attacks: names from attacks.ATTACKS ("fgsm", "pgd" (with `restarts`), "eot",
+    "frozen", "pgd_l2"), "transfer" (PGD crafted on `surrogate`, a model, or
+    precomputed examples {eps: x_adv}), or (label, fn) with fn(model, x, y, eps) -> x_adv.
+    pgd_alpha: step size, or None for 2.5 * eps / pgd_steps.
+    test_mask: FeatureMask modules draw a fresh mask at every forward (crafting
+    and scoring); otherwise the model runs as in eval mode.
+
+    Returns eps, n, masks, clean_accuracy, clean_correct, grad (fraction of
+    samples whose input gradient is all zero / has a NaN, mean |grad|),
+    accuracy {attack: [per eps]}, correct {attack: bool tensor eps x n},
+    robust_accuracy [per eps] and robust_correct (clean and every attack right).
+    """
+    A._check(x, y, batch_size)
+    eps_list = [float(e) for e in eps_list]
+    if not eps_list or any(not e >= 0 for e in eps_list):
+        raise ValueError(f"eps_list must be a non-empty list of eps >= 0, got {eps_list}")
+    names = [a if isinstance(a, str) else a[0] for a in attacks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"attack labels must be unique, got {names}")
+    for a in attacks:
+        if isinstance(a, str) and a not in A.ATTACKS + ("transfer",):
+            raise ValueError(f"unknown attack {a!r}: use one of {A.ATTACKS + ('transfer',)} or (label, fn)")
+    if "transfer" in names and surrogate is None:
+        raise ValueError("attack 'transfer' needs surrogate= (a model or {eps: x_adv})")
+    masks = "random" if test_mask else "model"
+    cfg = dict(pgd_steps=pgd_steps, pgd_alpha=pgd_alpha, restarts=restarts, eot_samples=eot_samples,
+               seed=seed, masks=masks, batch_size=batch_size)
+    y_cpu = y.cpu()
+    out = {"eps": eps_list, "n": len(y), "masks": masks, "attacks": names,
+           "config": {k: v for k, v in cfg.items() if k != "masks"}, "accuracy": {}, "correct": {}}
+    with A.model_state(model, masks):  # outermost: mask offsets advance through the whole call, restored at exit
+        clean = predict(model, x, batch_size=batch_size, masks=masks) == y_cpu
+        g = A.input_grad(model, x, y, masks=masks, batch_size=batch_size).flatten(1)
+        out["clean_correct"], out["clean_accuracy"] = clean, clean.double().mean().item()
+        out["grad"] = {"zero_frac": (g == 0).all(1).double().mean().item(),
+                       "nan_frac": g.isnan().any(1).double().mean().item(),
+                       "mean_abs": g.abs().nan_to_num().mean().item()}
+        for a, name in zip(attacks, names):
+            rows = []
+            for eps in eps_list:
+                if name == "transfer":
+                    if isinstance(surrogate, dict):
+                        x_adv = surrogate[eps]
+                    else:
+                        x_adv = A.transfer(surrogate, model, x, y, _attack_fn("pgd", eps, dict(cfg, masks="model")))
+                elif isinstance(a, str):
+                    x_adv = _attack_fn(name, eps, cfg)(model, x, y)
+                else:
+                    x_adv = a[1](model, x, y, eps)
+                rows.append(predict(model, x_adv, batch_size=batch_size, masks=masks) == y_cpu)
+            out["correct"][name] = torch.stack(rows)
+            out["accuracy"][name] = out["correct"][name].double().mean(1).tolist()
+    robust = clean.expand(len(eps_list), -1).clone()
+    for c in out["correct"].values():
+        robust &= c
+    out["robust_correct"], out["robust_accuracy"] = robust, robust.double().mean(1).tolist()
+    return out
+
+
+WHITE_BOX = ("fgsm", "pgd", "pgd_restarts", "eot", "frozen")
+ITERATIVE = ("pgd", "pgd_restarts", "eot", "frozen")
+
+
+def sanity_checks(results, *, tol=0.01, zero_grad_frac=0.05, max_acc_at_large_eps=0.10):
+    """Flags of gradient masking / a broken evaluation in a robustness() result.
+
+    Each flag is {"flag": name, "detail": text}; an empty list means no sign found.
+    tol is the accuracy margin (absolute) tolerated before an ordering is flagged.
+      zero_gradients / nan_gradients: input gradients all zero (> zero_grad_frac of samples) or NaN
+      iterative_weaker_than_single_step: a PGD variant above FGSM at the same eps
+      white_box_weaker_than_transfer: the best white-box attack above transfer
+      eot_stronger_than_pgd: EOT below plain PGD on a randomized model (plain PGD overstates robustness)
+      eot_weaker_than_pgd: EOT above plain PGD (the EOT attack is misconfigured)
+      not_broken_at_large_eps: the best white-box attack (else the robust accuracy) above
+        max_acc_at_large_eps at eps >= 1 (an eps-1 L-inf ball holds every image in [0, 1])
+      accuracy_rises_with_eps: robust accuracy, or an attack's accuracy, higher at a larger eps
+    """
+    r = results.get("robustness", results)
+    eps, acc, flags = r["eps"], r["accuracy"], []
+
+    def flag(name, detail):
+        flags.append({"flag": name, "detail": detail})
+    g = r.get("grad", {})
+    if g.get("zero_frac", 0.0) > zero_grad_frac:
+        flag("zero_gradients", f"{g['zero_frac']:.1%} of samples have an all-zero input gradient")
+    if g.get("nan_frac", 0.0) > 0:
+        flag("nan_gradients", f"{g['nan_frac']:.1%} of samples have a NaN input gradient")
+    for i, e in enumerate(eps):
+        if e == 0:
+            continue
+        for it in ITERATIVE:
+            if it in acc and "fgsm" in acc and acc[it][i] > acc["fgsm"][i] + tol:
+                flag("iterative_weaker_than_single_step",
+                     f"eps={e:g}: {it} accuracy {acc[it][i]:.3f} > fgsm {acc['fgsm'][i]:.3f}")
+        wb = [acc[a][i] for a in WHITE_BOX if a in acc]
+        if wb and "transfer" in acc and min(wb) > acc["transfer"][i] + tol:
+            flag("white_box_weaker_than_transfer",
+                 f"eps={e:g}: best white-box accuracy {min(wb):.3f} > transfer {acc['transfer'][i]:.3f}")
+        if "eot" in acc and "pgd" in acc:
+            if acc["eot"][i] < acc["pgd"][i] - tol:
+                flag("eot_stronger_than_pgd", f"eps={e:g}: EOT accuracy {acc['eot'][i]:.3f} < plain PGD "
+                     f"{acc['pgd'][i]:.3f}: randomness hides the gradient from plain PGD")
+            elif acc["eot"][i] > acc["pgd"][i] + tol:
+                flag("eot_weaker_than_pgd",
+                     f"eps={e:g}: EOT accuracy {acc['eot'][i]:.3f} > plain PGD {acc['pgd'][i]:.3f}")
+        best = min(wb) if wb else r["robust_accuracy"][i]
+        if e >= 1.0 and best > max_acc_at_large_eps:
+            flag("not_broken_at_large_eps",
+                 f"eps={e:g}: accuracy under the best white-box attack {best:.3f} > {max_acc_at_large_eps:g}")
+    order = sorted(range(len(eps)), key=lambda i: eps[i])
+    for label, series in [("robust", r["robust_accuracy"])] + sorted(acc.items()):
+        for i, j in zip(order, order[1:]):
+            if eps[j] > eps[i] and series[j] > series[i] + tol:
+                flag("accuracy_rises_with_eps", f"{label}: accuracy {series[i]:.3f} at eps={eps[i]:g} "
+                     f"< {series[j]:.3f} at eps={eps[j]:g}")
+    return flags
+
+
+def _has_masks(model):
+    return bool(A.feature_masks(model))
+
+
+def honest_report(models, x, y, *, eps_list=HONEST_EPS, surrogate=None, baseline=None, pgd_steps=40,
+                  pgd_alpha=None, restarts=5, eot_samples=20, test_mask="auto", batch_size=500, seed=0):
+    """Per model: clean metrics, accuracy vs eps under every relevant attack, flags, tests vs baseline.
+
+    models: {name: model} (or one model). Attacks: FGSM, PGD, PGD with `restarts`
+    random restarts, transfer (PGD on `surrogate`, crafted once per eps) and, for
+    rows masked at test time, EOT-PGD (`eot_samples` draws per step) and
+    frozen-mask PGD. test_mask: False, True or "auto" (both rows for models with
+    FeatureMask modules: "<name>" unmasked and "<name> [test mask]" randomized).
+    baseline: a row name; every other row gets McNemar tests of its robust
+    correctness against it, per eps ("more robust" only when p < 0.05).
+    Returns {"rows": {row: {...}}, "eps": [...], "config": {...}}.
+    """
+    if isinstance(models, torch.nn.Module):
+        models = {"model": models}
+    if test_mask not in (False, True, "auto"):
+        raise ValueError(f"test_mask must be False, True or 'auto', got {test_mask!r}")
+    eps_list = [float(e) for e in eps_list]
+    cfg = dict(pgd_steps=pgd_steps, pgd_alpha=pgd_alpha, restarts=restarts, eot_samples=eot_samples,
+               batch_size=batch_size, seed=seed)
+    transfer_x = None
+    if surrogate is not None:  # the same transfer examples for every row
+        transfer_x = {e: _attack_fn("pgd", e, dict(cfg, restarts=1, masks="model"))(surrogate, x, y) for e in eps_list}
+
+    def pgd_restarts(m, xb, yb, e, masks):
+        return _attack_fn("pgd", e, dict(cfg, masks=masks))(m, xb, yb)
+    rows = {}
+    for name, model in models.items():
+        settings = {"auto": [False, True] if _has_masks(model) else [False], False: [False], True: [True]}[test_mask]
+        for tm in settings:
+            masks = "random" if tm else "model"
+            atk = ["fgsm", "pgd"]
+            if restarts > 1:
+                atk.append(("pgd_restarts", lambda m, xb, yb, e, _m=masks: pgd_restarts(m, xb, yb, e, _m)))
+            if tm:
+                atk += ["eot", "frozen"]
+            if transfer_x is not None:
+                atk.append("transfer")
+            rob = robustness(model, x, y, eps_list=eps_list, attacks=atk, pgd_steps=pgd_steps,
+                             pgd_alpha=pgd_alpha, restarts=1, test_mask=tm, batch_size=batch_size, seed=seed,
+                             eot_samples=eot_samples, surrogate=transfer_x)
+            row = f"{name} [test mask]" if tm and test_mask == "auto" else name
+            rows[row] = {"model": name, "test_mask": tm, "clean": evaluate(model, x, y, batch_size=batch_size,
+                                                                             masks=masks),
+                         "robustness": rob, "flags": sanity_checks(rob)}
+    if baseline is not None:
+        if baseline not in rows:
+            raise ValueError(f"baseline {baseline!r} is not a row; rows are {list(rows)}")
+        base = rows[baseline]["robustness"]["robust_correct"]
+        for row, r in rows.items():
+            if row != baseline:
+                r["vs_baseline"] = [stats.compare(c, b) for c, b in zip(r["robustness"]["robust_correct"], base)]
+    return {"rows": rows, "eps": eps_list, "baseline": baseline, "config": cfg}
+
+
+def format_report(report):
+    """The honest report as Markdown: one accuracy-vs-eps table per row, then its flags."""
+    eps, lines = report["eps"], []
+    for row, r in report["rows"].items():
+        rob = r["robustness"]
+        lines += [f"### {row}", "", f"clean accuracy {r['clean']['accuracy']:.4f} (n={rob['n']}, "
+                  f"masks at test time: {rob['masks']})", "",
+                  "| attack | " + " | ".join(f"eps={e:g}" for e in eps) + " |",
+                  "|---" * (len(eps) + 1) + "|"]
+        for name, accs in list(rob["accuracy"].items()) + [("robust (worst case)", rob["robust_accuracy"])]:
+            lines.append(f"| {name} | " + " | ".join(f"{a:.4f}" for a in accs) + " |")
+        if "vs_baseline" in r:
+            lines.append(f"| vs {report['baseline']} (McNemar) | " + " | ".join(
+                f"{c['delta']:+.4f} p={c['p_value']:.2g} {c['verdict']}" for c in r["vs_baseline"]) + " |")
+        lines += [""] + ([f"- FLAG {f['flag']}: {f['detail']}" for f in r["flags"]] or ["- no gradient-masking flags"])
+        lines.append("")
+    return "\n".join(lines)
