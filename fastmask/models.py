@@ -64,16 +64,26 @@ def build(name, mask_cfg=None, seed=None):
         return Net(name, mask_cfg)
 
 
+def with_eval_mask(model, eval_mask):
+    """A copy of a masked model whose FeatureMask does `eval_mask` ("off" / "consistent") in eval mode."""
+    if not model.mask_cfg:
+        raise ValueError(f"model {model.name!r} has no FeatureMask, so eval_mask={eval_mask!r} means nothing")
+    other = Net(model.name, dict(model.mask_cfg, eval_mask=eval_mask))
+    other.load_state_dict(model.state_dict())
+    return other.train(model.training)
+
+
 def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-def save(path, model, config, data_hash):
-    """Write a checkpoint atomically: weights, the row's config and the data hash."""
+def save(path, model, config, data_hash, extra=None):
+    """Write a checkpoint atomically: weights, the row's config, the data hash and
+    `extra` (e.g. the training history, so that a resumed run reports the same figures)."""
     if not isinstance(model, Net):
         raise TypeError(f"save expects a fastmask.models.Net, got {type(model).__name__}")
     blob = {"kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION, "model": model.name,
-            "mask_cfg": model.mask_cfg, "config": config, "data_hash": data_hash,
+            "mask_cfg": model.mask_cfg, "config": config, "data_hash": data_hash, "extra": extra,
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
     buf = io.BytesIO()
     torch.save(blob, buf)

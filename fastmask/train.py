@@ -68,15 +68,17 @@ def confusion_matrix(pred, y, n_classes=10):
 
 
 def classification_metrics(pred, y, n_classes=10):
-    """Accuracy and macro precision/recall/F1 (0 where a class has no prediction/sample), and the confusion matrix."""
+    """Accuracy, macro precision/recall/F1 and the confusion matrix. The macro average runs over
+    the classes present in y or in pred (as scikit-learn); 0 where a ratio is undefined."""
     cm = confusion_matrix(pred, y, n_classes).to(torch.float64)
     tp = cm.diag()
     pred_n, true_n = cm.sum(0), cm.sum(1)
     prec = torch.where(pred_n > 0, tp / pred_n.clamp_min(1), torch.zeros_like(tp))
     rec = torch.where(true_n > 0, tp / true_n.clamp_min(1), torch.zeros_like(tp))
     f1 = torch.where(prec + rec > 0, 2 * prec * rec / (prec + rec).clamp_min(1e-300), torch.zeros_like(tp))
-    return {"accuracy": (tp.sum() / max(len(y), 1)).item(), "precision": prec.mean().item(),
-            "recall": rec.mean().item(), "f1": f1.mean().item(),
+    present = (pred_n > 0) | (true_n > 0)
+    return {"accuracy": (tp.sum() / max(len(y), 1)).item(), "precision": prec[present].mean().item(),
+            "recall": rec[present].mean().item(), "f1": f1[present].mean().item(),
             "confusion": cm.to(torch.int64).tolist()}
 
 

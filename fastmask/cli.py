@@ -1,0 +1,207 @@
+"""Command line: fastmask reproduce | train | attack.
+
+    fastmask reproduce [--model mlp|cnn] [--preset smoke|default|full] [--out DIR] ...
+    fastmask train --out DIR [--mask-ratio R --mask-scope sample|fixed ...] [--adv-train fgsm]
+    fastmask attack --checkpoint PATH [--eps ...] [--json]
+
+Errors (bad arguments, missing data or checkpoints) print one line on stderr
+and exit with code 2, without a traceback.
+"""
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+
+class CliError(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print the usage too)
+        raise CliError(f"{self.prog}: {message}")
+
+
+def eps_list(text):
+    try:
+        vals = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--eps {text!r}: expected comma-separated numbers") from None
+    if not vals or any(not 0 < v <= 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"--eps {text!r}: values must be in (0, 1]")
+    return vals
+
+
+def ratio(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is outside [0, 1]")
+    return v
+
+
+def positive_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return v
+
+
+def build_parser():
+    from .pipeline import DEFAULT_ROWS, PRESETS, ROWS
+    p = Parser(prog="fastmask", description="Feature masking and gradient manipulation against "
+               "adversarial examples (Ingle and Pawale), reproduced on MNIST.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    def common(s):
+        s.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
+        s.add_argument("--dataset", choices=("mnist", "fashion-mnist"), default="mnist")
+        s.add_argument("--data-dir", help="folder with IDX files (or torchvision's MNIST/raw layout)")
+        s.add_argument("--download", action="store_true", help="allow the online mirrors (checksummed)")
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")
+        s.add_argument("--quiet", action="store_true")
+
+    r = sub.add_parser("reproduce", help="train and evaluate every row of Table I")
+    common(r)
+    r.add_argument("--preset", choices=tuple(PRESETS), default="default")
+    r.add_argument("--out", default="results")
+    r.add_argument("--epochs", type=positive_int, help="override the preset's epochs")
+    r.add_argument("--eps", type=eps_list, help="comma-separated eps sweep (default 0.05,...,0.3)")
+    r.add_argument("--rows", help=f"comma-separated rows (default {','.join(DEFAULT_ROWS)}; "
+                   f"available {','.join(ROWS)})")
+
+    t = sub.add_parser("train", help="train one model and write its checkpoint")
+    common(t)
+    t.add_argument("--out", required=True, help="folder; the checkpoint is DIR/model.pt")
+    t.add_argument("--epochs", type=positive_int, default=5)
+    t.add_argument("--batch-size", type=positive_int, default=128)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    t.add_argument("--mask-ratio", type=ratio, default=0.0)
+    t.add_argument("--mask-scope", choices=("sample", "fixed"), default="sample",
+                   help="sample: a fresh random mask per image and step; fixed: one mask for all")
+    t.add_argument("--mask-mode", choices=("pixel", "blur", "block"), default="pixel")
+    t.add_argument("--max-norm", type=float, help="clip gradients to this global norm")
+    t.add_argument("--noise-std", type=float, default=0.0, help="Gaussian noise added to the gradients")
+    t.add_argument("--adv-train", choices=("fgsm",), help="fast FGSM adversarial training")
+    t.add_argument("--adv-eps", type=float, default=0.1)
+    t.add_argument("--train-subset", type=positive_int, help="use only the first N training images")
+
+    a = sub.add_parser("attack", help="evaluate a checkpoint under FGSM and PGD")
+    a.add_argument("--checkpoint", required=True)
+    a.add_argument("--eps", type=eps_list, default=(0.05, 0.1, 0.15, 0.2, 0.25, 0.3))
+    a.add_argument("--pgd-steps", type=positive_int, default=40)
+    a.add_argument("--pgd-alpha", type=float, default=0.01)
+    a.add_argument("--n", type=positive_int, default=1000, help="first N test images (default 1000)")
+    a.add_argument("--test-mask", action="store_true", help="use the consistent test mask M_test")
+    a.add_argument("--data-dir")
+    a.add_argument("--json", action="store_true", help="print the result as JSON")
+    a.add_argument("--threads", type=positive_int)
+    return p
+
+
+def cmd_reproduce(args):
+    from .pipeline import ReproduceConfig, run_reproduce
+    kw = {f.name: getattr(args, f.name) for f in fields(ReproduceConfig)
+          if f.name in vars(args) and getattr(args, f.name) is not None}
+    if args.eps:
+        kw["eps_list"] = args.eps
+    if args.rows:
+        kw["rows"] = tuple(r.strip() for r in args.rows.split(",") if r.strip())
+    kw.pop("eps", None)
+    kw["progress"] = sys.stderr.isatty() and not args.quiet
+    run_reproduce(ReproduceConfig(**kw))
+
+
+def cmd_train(args):
+    import torch
+    from . import data as D, models as M
+    from .train import TrainConfig, train
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    grad = {k: v for k, v in (("max_norm", args.max_norm), ("noise_std", args.noise_std)) if v}
+    tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                       seed=args.seed, grad=grad, adv_train=args.adv_train, adv_eps=args.adv_eps)
+    mask = None
+    if args.mask_ratio > 0:
+        mask = {"ratio": args.mask_ratio, "mode": args.mask_mode, "scope": args.mask_scope,
+                "channels": "shared", "fill": 0.0, "seed": args.seed + 1, "eval_mask": "off"}
+    data = D.load(args.dataset, args.data_dir, split_seed=args.seed, download=args.download)
+    if args.train_subset:
+        data = data.take(train=args.train_subset)
+    model = M.build(args.model, mask, seed=args.seed)
+    say = (lambda *a: None) if args.quiet else print
+    say(f"training {args.model} on {args.dataset} {data.sizes()} (mask {mask}, grad {grad or None}, "
+        f"adv {args.adv_train})")
+    info = train(model, data, tcfg, progress=sys.stderr.isatty() and not args.quiet, log=say)
+    path = Path(args.out) / "model.pt"
+    config = {"model": args.model, "dataset": args.dataset, "mask": mask, "train": tcfg.to_dict(),
+              "subset": data.subset, "split_seed": data.split_seed}
+    M.save(path, model, config, data.sha256, extra=info)
+    say(f"val acc {info['history'][-1]['val_acc']:.4f}; wrote {path}")
+
+
+def cmd_attack(args):
+    import torch
+    from . import data as D, models as M
+    from .evaluate import evaluate, robustness
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, blob = M.load(args.checkpoint, with_meta=True)
+    if args.test_mask:
+        model = M.with_eval_mask(model, "consistent").eval()
+    cfg = blob.get("config") or {}
+    data = D.load(cfg.get("dataset", "mnist"), args.data_dir)
+    if data.sha256 != blob.get("data_hash"):
+        print(f"warning: the data hash differs from the checkpoint's ({data.source})", file=sys.stderr)
+    n = min(args.n, len(data.y_test))
+    x, y = D.to_float(data.x_test[:n]), data.y_test[:n]
+    clean = evaluate(model, x, y)
+    rob = robustness(model, x, y, eps_list=args.eps, pgd_steps=args.pgd_steps, pgd_alpha=args.pgd_alpha)
+    out = {"checkpoint": str(args.checkpoint), "n": n, "test_mask": args.test_mask,
+           "clean_accuracy": clean["accuracy"], "eps": list(args.eps), "fgsm": rob["accuracy"]["fgsm"],
+           "pgd": rob["accuracy"]["pgd"], "pgd_steps": args.pgd_steps, "pgd_alpha": args.pgd_alpha}
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return
+    print(f"{args.checkpoint}: clean accuracy {clean['accuracy']:.4f} on the first {n} test images")
+    print("eps   " + " ".join(f"{e:>6g}" for e in args.eps))
+    for k in ("fgsm", "pgd"):
+        print(f"{k:5s} " + " ".join(f"{a:6.3f}" for a in out[k]))
+
+
+def one_line(e):
+    return "; ".join(l.strip() for l in str(e).splitlines() if l.strip()) or type(e).__name__
+
+
+def main(argv=None):
+    """Entry point; returns the exit code. FASTMASK_DEBUG=1 re-raises errors with their traceback."""
+    import os
+    from .data import DataError
+    from .models import CheckpointError
+    try:
+        args = build_parser().parse_args(argv)
+        {"reproduce": cmd_reproduce, "train": cmd_train, "attack": cmd_attack}[args.command](args)
+    except CliError as e:
+        print(one_line(e), file=sys.stderr)
+        return 2
+    except (DataError, CheckpointError, ValueError, OSError) as e:
+        if os.environ.get("FASTMASK_DEBUG"):
+            raise
+        print(f"fastmask: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastmask: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""The paper's protocol end to end: `run_reproduce(config)`.
+
+Rows (same architecture, optimizer, learning rate, batch size and epochs):
+baseline; random masking 10/30/50 %; fixed masking 30 %; random 30 % with
+gradient manipulation; gradient manipulation only (optional extra row:
+fast FGSM adversarial training). Each row is trained (or resumed from its
+checkpoint when the checkpoint's config and data hash match), then evaluated
+on the test set: clean metrics, FGSM for every eps of the sweep (whole test
+set), PGD (a fixed subset: the first `pgd_n` test images) and, for masked
+rows, the same with the paper's consistent test mask M_test.
+
+The "paper eps" (Table I) is the eps of the sweep where the baseline's FGSM
+accuracy on the VALIDATION set is closest to 60 % (the paper's baseline
+figure); the test set is never used for a choice.
+"""
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import data as D
+from . import models as M
+from .train import TrainConfig, train
+
+PRESETS = {
+    # smoke: a few hundred images, one epoch; seconds. Checks the plumbing only.
+    "smoke": dict(epochs=1, batch_size=50, subset={"train": 300, "val": 100, "test": 100},
+                  pgd_n=50, pgd_steps=5, train_acc_n=300, eps_list=(0.1, 0.2, 0.3)),
+    # default: full MNIST, sized to finish in <= 5 minutes on a 2-core CPU (MLP).
+    "default": dict(epochs=8, batch_size=128, subset=None, pgd_n=1000, pgd_steps=40, train_acc_n=10000,
+                    eps_list=(0.05, 0.1, 0.15, 0.2, 0.25, 0.3)),
+    # full: more epochs, PGD on the whole test set.
+    "full": dict(epochs=20, batch_size=128, subset=None, pgd_n=None, pgd_steps=40, train_acc_n=None,
+                 eps_list=(0.05, 0.1, 0.15, 0.2, 0.25, 0.3)),
+}
+GRAD_MANIP = {"max_norm": 1.0, "noise_std": 0.001}  # clip by global norm + Gaussian noise
+ROWS = {  # name -> (label, mask ratio, pattern, grad manipulation, adversarial training)
+    "baseline": ("baseline", None, None, None, None),
+    "random10": ("masked 10% random", 0.1, "random", None, None),
+    "random30": ("masked 30% random", 0.3, "random", None, None),
+    "random50": ("masked 50% random", 0.5, "random", None, None),
+    "fixed30": ("masked 30% fixed", 0.3, "fixed", None, None),
+    "random30_gm": ("masked 30% random + grad manip.", 0.3, "random", GRAD_MANIP, None),
+    "gm": ("grad manip. only", None, None, GRAD_MANIP, None),
+    "fast_at": ("FGSM adv. training (fast AT)", None, None, None, "fgsm"),
+}
+DEFAULT_ROWS = ("baseline", "random10", "random30", "random50", "fixed30", "random30_gm", "gm")
+PAPER_TABLE = {  # Table I of the paper: train acc, test acc, acc under FGSM, training time increase
+    "baseline": (0.99, 0.98, 0.60, 0.00), "random10": (0.98, 0.96, 0.75, 0.05),
+    "random30": (0.97, 0.94, 0.80, 0.10), "random50": (0.95, 0.92, 0.85, 0.15),
+    "fixed30": (0.97, 0.93, 0.78, 0.07),
+}
+TARGET_BASELINE_FGSM = 0.60
+
+
+@dataclass
+class ReproduceConfig:
+    out: str = "results"
+    model: str = "mlp"
+    dataset: str = "mnist"
+    preset: str = "default"
+    seed: int = 0
+    data_dir: str = None
+    download: bool = False
+    threads: int = None
+    quiet: bool = False
+    progress: bool = False          # tqdm bars (the CLI turns them on for a tty)
+    rows: tuple = DEFAULT_ROWS
+    eps_list: tuple = None          # None: the preset's
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    epochs: int = None              # None: the preset's
+    batch_size: int = None
+    pgd_n: int = None               # None: the preset's (0 in a preset entry means the whole test set)
+    pgd_steps: int = None
+    pgd_alpha: float = 0.01
+    mask_mode: str = "pixel"
+    adv_eps: float = 0.1            # fast_at row only
+    n_val: int = None               # None: 10,000 (data.load's default)
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset={self.preset!r} is not one of {tuple(PRESETS)}")
+        if self.model not in M.MODELS:
+            raise ValueError(f"model={self.model!r} is not one of {M.MODELS}")
+        if self.dataset not in D.DATASETS:
+            raise ValueError(f"dataset={self.dataset!r} is not one of {D.DATASETS}")
+        bad = [r for r in self.rows if r not in ROWS]
+        if bad or "baseline" not in self.rows:
+            raise ValueError(f"rows={list(self.rows)!r}: each must be one of {tuple(ROWS)} and 'baseline' is needed")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads={self.threads!r} must be >= 1")
+        p = PRESETS[self.preset]
+        for k in ("epochs", "batch_size", "pgd_n", "pgd_steps", "eps_list"):
+            if getattr(self, k) is None:
+                setattr(self, k, p[k])
+        if not self.eps_list or any(not 0 < e <= 1 for e in self.eps_list):
+            raise ValueError(f"eps_list={list(self.eps_list)!r} must be non-empty values in (0, 1]")
+        self.rows, self.eps_list = tuple(self.rows), tuple(float(e) for e in self.eps_list)
+
+
+def row_configs(cfg, data):
+    """{row: (mask_cfg or None, TrainConfig, checkpoint config)}."""
+    out = {}
+    for name in ["baseline"] + [r for r in cfg.rows if r != "baseline"]:  # baseline first: it fixes the paper eps
+        label, ratio, pattern, grad, adv = ROWS[name]
+        mask = None
+        if ratio is not None:
+            mask = {"ratio": ratio, "mode": cfg.mask_mode, "scope": "sample" if pattern == "random" else "fixed",
+                    "channels": "shared", "fill": 0.0, "seed": cfg.seed + 1, "eval_mask": "off"}
+        tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer,
+                           seed=cfg.seed, grad=dict(grad or {}), adv_train=adv, adv_eps=cfg.adv_eps)
+        ck = {"row": name, "model": cfg.model, "dataset": cfg.dataset, "subset": data.subset,
+              "split_seed": data.split_seed, "n_val": len(data.y_val), "mask": mask, "train": tcfg.to_dict()}
+        out[name] = (mask, tcfg, ck)
+    return out
+
+
+def train_or_resume(name, mask, tcfg, ck, data, cfg, log):
+    path = Path(cfg.out) / "checkpoints" / f"{name}.pt"
+    if path.is_file():
+        try:
+            model, blob = M.load(path, with_meta=True)
+            if blob["config"] == ck and blob["data_hash"] == data.sha256 and blob.get("extra"):
+                log(f"[{name}] resumed from {path}")
+                return model, blob["extra"], True
+            log(f"[{name}] checkpoint {path} is for another config or data: retraining")
+        except M.CheckpointError as e:
+            log(f"[{name}] {e}: retraining")
+    log(f"[{name}] training ({ROWS[name][0]})")
+    model = M.build(cfg.model, mask, seed=cfg.seed)
+    info = train(model, data, tcfg, progress=cfg.progress, log=None if cfg.quiet else log)
+    M.save(path, model, ck, data.sha256, extra=info)
+    return model, info, False
+
+
+def fgsm_accuracy(model, x, y, eps, batch_size=1000):
+    from .attacks import fgsm
+    from .evaluate import predict
+    x_adv = fgsm(model, x, y, eps, batch_size=batch_size)
+    return (predict(model, x_adv, batch_size=batch_size) == y).double().mean().item()
+
+
+def choose_paper_eps(model, x_val, y_val, eps_list):
+    """The eps whose baseline FGSM accuracy on the validation set is closest to 60 % (smaller eps on ties)."""
+    acc = {e: fgsm_accuracy(model, x_val, y_val, e) for e in eps_list}
+    best = min(eps_list, key=lambda e: (abs(acc[e] - TARGET_BASELINE_FGSM), e))
+    return best, acc
+
+
+def _plain(r):
+    """A robustness() result without its tensors (JSON-ready)."""
+    return {k: v for k, v in r.items() if k not in ("correct", "clean_correct", "robust_correct")}
+
+
+def evaluate_row(model, data, cfg, x_test, x_train_eval, y_train_eval):
+    from .evaluate import evaluate, robustness
+    y_test = data.y_test
+    clean = evaluate(model, x_test, y_test)
+    n_pgd = len(y_test) if not cfg.pgd_n else min(cfg.pgd_n, len(y_test))
+    fg = robustness(model, x_test, y_test, eps_list=cfg.eps_list, attacks=("fgsm",))
+    pg = robustness(model, x_test[:n_pgd], y_test[:n_pgd], eps_list=cfg.eps_list, attacks=("pgd",),
+                    pgd_steps=cfg.pgd_steps, pgd_alpha=cfg.pgd_alpha, seed=cfg.seed)
+    res = {"train_acc": evaluate(model, x_train_eval, y_train_eval)["accuracy"],
+           "clean": {k: v for k, v in clean.items() if k != "correct"},
+           "fgsm": fg["accuracy"]["fgsm"], "pgd": pg["accuracy"]["pgd"],
+           "fgsm_detail": _plain(fg), "pgd_detail": _plain(pg), "pgd_n": n_pgd}
+    correct = {"clean": clean["correct"], "fgsm": fg["correct"]["fgsm"], "pgd": pg["correct"]["pgd"]}
+    return res, correct
+
+
+def versions():
+    from . import ops
+    try:
+        from importlib.metadata import version
+        fm = version("fastmask")
+    except Exception:
+        fm = "unknown"
+    return {"fastmask": fm, "torch": torch.__version__, "numpy": np.__version__,
+            "python": sys.version.split()[0], "platform": platform.platform(),
+            "threads": torch.get_num_threads(), "extension_loaded": bool(ops.extension_loaded())}
+
+
+def run_reproduce(cfg, log=print):
+    """Train and evaluate every row, write results.json, table.md/csv and the figures under cfg.out.
+    Returns the results dict."""
+    if isinstance(cfg, dict):
+        cfg = ReproduceConfig(**cfg)
+    if cfg.quiet:
+        log = lambda *a, **k: None  # noqa: E731
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t_start = time.perf_counter()
+    data = D.load(cfg.dataset, cfg.data_dir, n_val=cfg.n_val, split_seed=cfg.seed, download=cfg.download)
+    if PRESETS[cfg.preset]["subset"]:
+        data = data.take(**PRESETS[cfg.preset]["subset"])
+    log(f"data: {cfg.dataset} {data.sizes()} from {data.source} (sha256 {data.sha256[:12]})")
+    x_test = D.to_float(data.x_test)
+    n_tr = PRESETS[cfg.preset]["train_acc_n"] or len(data.y_train)
+    x_tr, y_tr = D.to_float(data.x_train[:n_tr]), data.y_train[:n_tr]
+    x_val = D.to_float(data.x_val)
+
+    rows, correct, paper_eps, val_fgsm, example = {}, {}, None, None, None
+    for name, (mask, tcfg, ck) in row_configs(cfg, data).items():
+        model, info, resumed = train_or_resume(name, mask, tcfg, ck, data, cfg, log)
+        if name == "baseline":
+            paper_eps, val_fgsm = choose_paper_eps(model, x_val, data.y_val, cfg.eps_list)
+            log(f"paper eps = {paper_eps:g} (baseline FGSM accuracy on validation closest to "
+                f"{TARGET_BASELINE_FGSM:.0%}: {val_fgsm[paper_eps]:.3f})")
+            example = adversarial_examples(model, x_test, data.y_test, paper_eps)
+        t0 = time.perf_counter()
+        res, corr = evaluate_row(model, data, cfg, x_test, x_tr, y_tr)
+        if mask is not None:  # the paper's consistent test mask M_test
+            mt = M.with_eval_mask(model, "consistent").eval()
+            res["test_mask"], corr_mt = evaluate_row(mt, data, cfg, x_test, x_tr, y_tr)
+            corr["test_mask"] = corr_mt
+        label, ratio, pattern, grad, adv = ROWS[name]
+        rows[name] = {"label": label, "ratio": ratio, "pattern": pattern, "grad_manipulation": grad,
+                      "adv_train": adv, "mask": mask, "train_config": tcfg.to_dict(), "resumed": resumed,
+                      "history": info["history"], "train_time_s": info["train_time"],
+                      "eval_time_s": time.perf_counter() - t0, **res}
+        correct[name] = corr
+        log(f"[{name}] test acc {res['clean']['accuracy']:.4f}  FGSM@{paper_eps:g} "
+            f"{res['fgsm'][cfg.eps_list.index(paper_eps)]:.4f}  PGD@{paper_eps:g} "
+            f"{res['pgd'][cfg.eps_list.index(paper_eps)]:.4f}")
+
+    k = cfg.eps_list.index(paper_eps)
+    base_time = rows["baseline"]["train_time_s"]
+    from .stats import compare
+    for name, r in rows.items():
+        r["train_time_increase"] = r["train_time_s"] / base_time - 1.0
+        if name != "baseline":  # McNemar on the same test images, at the paper eps
+            b = correct["baseline"]
+            r["vs_baseline"] = {"clean": _cmp(compare, correct[name]["clean"], b["clean"]),
+                                "fgsm": _cmp(compare, correct[name]["fgsm"][k], b["fgsm"][k]),
+                                "pgd": _cmp(compare, correct[name]["pgd"][k], b["pgd"][k])}
+    results = {
+        "paper": "Ingle and Pawale, Enhancing Adversarial Defense ... Feature Masking and Gradient Manipulation",
+        "config": asdict(cfg), "versions": versions(), "seed": cfg.seed,
+        "data": {"dataset": cfg.dataset, "source": data.source, "sha256": data.sha256, "sizes": data.sizes(),
+                 "split_seed": data.split_seed, "subset": data.subset},
+        "protocol": {
+            "eps_list": list(cfg.eps_list), "paper_eps": paper_eps,
+            "paper_eps_rule": f"eps of the sweep where the baseline's FGSM accuracy on the validation set is "
+                              f"closest to {TARGET_BASELINE_FGSM:.0%} (the paper's baseline figure)",
+            "baseline_val_fgsm": {f"{e:g}": a for e, a in val_fgsm.items()},
+            "fgsm": "whole test set, model in eval mode",
+            "pgd": {"n": rows["baseline"]["pgd_n"], "subset": "the first pgd_n images of the test set",
+                    "steps": cfg.pgd_steps, "alpha": cfg.pgd_alpha, "random_start": True, "restarts": 1,
+                    "norm": "inf"},
+            "train_acc": f"clean accuracy of the final model on the first {n_tr} images of the training split",
+            "test_mask": "masked rows are also evaluated with the consistent test mask M_test "
+                         "(FeatureMask eval_mask='consistent'); the attack sees the same mask",
+            "training_time_increase": "train_time_s / baseline train_time_s - 1 (training loop only, "
+                                      "validation excluded; wall clock, so noisy on a shared machine)",
+            "grad_manipulation": GRAD_MANIP, "mask_mode": cfg.mask_mode,
+        },
+        "rows": rows, "paper_table": {k2: dict(zip(("train_acc", "test_acc", "fgsm_acc", "time_increase"), v))
+                                      for k2, v in PAPER_TABLE.items()},
+    }
+    from . import report
+    results["wall_time_s"] = time.perf_counter() - t_start
+    report.write_all(results, cfg.out, example)
+    log(report.summary(results))
+    return results
+
+
+def _cmp(compare, a, b):
+    r = compare(a, b)
+    return {"delta": r["delta"], "p_value": r["p_value"], "verdict": r["verdict"]}
+
+
+def adversarial_examples(model, x, y, eps, n=8):
+    """n test images, their FGSM versions at eps and the baseline's predictions (for Fig. 2)."""
+    from .attacks import fgsm
+    from .evaluate import predict
+    xs, ys = x[:n], y[:n]
+    adv = fgsm(model, xs, ys, eps)
+    return {"x": xs.numpy(), "x_adv": adv.numpy(), "y": ys.numpy(), "eps": eps,
+            "pred": predict(model, xs).numpy(), "pred_adv": predict(model, adv).numpy()}

@@ -1,0 +1,248 @@
+"""Write the results of `fastmask reproduce`: results.json, table.md, table.csv and figures.
+
+Every file is written atomically (temp file, fsync, rename). Figures use
+matplotlib's Agg backend and are skipped, with a note in the summary, when
+matplotlib is not installed.
+
+    fig1_training_curves.png   training loss, train and validation accuracy per epoch
+    fig2_adversarial.png       original vs FGSM images (baseline, paper eps) with predictions
+    fig3_clean_vs_adversarial.png  clean, FGSM and PGD accuracy per row (paper eps)
+    fig4_precision_recall_f1.png   validation macro precision / recall / F1 per epoch
+    fig5_confusion.png         test confusion matrices (baseline and the first masked row)
+    fig6_accuracy_vs_eps.png   FGSM and PGD accuracy vs eps, every row
+"""
+import csv
+import io
+import json
+import math
+
+from pathlib import Path
+
+from .data import atomic_write_bytes
+
+FIGURES = ("fig1_training_curves.png", "fig2_adversarial.png", "fig3_clean_vs_adversarial.png",
+           "fig4_precision_recall_f1.png", "fig5_confusion.png", "fig6_accuracy_vs_eps.png")
+
+
+def _pct(v):
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}%"
+
+
+def table_rows(results):
+    """One dict per row of Table I (fractions; None where not applicable)."""
+    k = results["protocol"]["eps_list"].index(results["protocol"]["paper_eps"])
+    out = []
+    for name, r in results["rows"].items():
+        tm = r.get("test_mask")
+        paper = results["paper_table"].get(name, {})
+        out.append({
+            "row": name, "label": r["label"],
+            "ratio": r["ratio"], "pattern": r["pattern"] or "–",
+            "train_acc": r["train_acc"], "test_acc": r["clean"]["accuracy"],
+            "fgsm_acc": r["fgsm"][k], "pgd_acc": r["pgd"][k],
+            "train_time_increase": r["train_time_increase"],
+            "mtest_test_acc": tm["clean"]["accuracy"] if tm else None,
+            "mtest_fgsm_acc": tm["fgsm"][k] if tm else None,
+            "mtest_pgd_acc": tm["pgd"][k] if tm else None,
+            "paper_train_acc": paper.get("train_acc"), "paper_test_acc": paper.get("test_acc"),
+            "paper_fgsm_acc": paper.get("fgsm_acc"), "paper_time_increase": paper.get("time_increase"),
+        })
+    return out
+
+
+def table_markdown(results):
+    p = results["protocol"]
+    eps, n_pgd = p["paper_eps"], p["pgd"]["n"]
+    lines = [f"# Table I (measured), {results['config']['model'].upper()} on {results['data']['dataset']}, "
+             f"eps = {eps:g}", "",
+             f"FGSM on the {results['data']['sizes']['test']} test images, PGD-{p['pgd']['steps']} "
+             f"(alpha {p['pgd']['alpha']:g}) on the first {n_pgd}. eps chosen on the validation set: "
+             f"{p['paper_eps_rule']}. M_test: the paper's consistent test mask. Paper: Table I of the paper "
+             "(its eps is not stated).", "",
+             "| model | ratio | pattern | train acc | test acc | acc. FGSM | acc. PGD | train time + "
+             "| M_test: test | M_test: FGSM | M_test: PGD | paper train | paper test | paper FGSM | paper time + |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for t in table_rows(results):
+        lines.append("| " + " | ".join([
+            t["label"], "–" if t["ratio"] is None else f"{100 * t['ratio']:.0f}%", t["pattern"],
+            _pct(t["train_acc"]), _pct(t["test_acc"]), _pct(t["fgsm_acc"]), _pct(t["pgd_acc"]),
+            f"{100 * t['train_time_increase']:+.0f}%", _pct(t["mtest_test_acc"]), _pct(t["mtest_fgsm_acc"]),
+            _pct(t["mtest_pgd_acc"]), _pct(t["paper_train_acc"]), _pct(t["paper_test_acc"]),
+            _pct(t["paper_fgsm_acc"]), _pct(t["paper_time_increase"])]) + " |")
+    lines += ["", "## Accuracy vs eps", "",
+              "| model | attack | " + " | ".join(f"{e:g}" for e in p["eps_list"]) + " |",
+              "|---|---|" + "---|" * len(p["eps_list"])]
+    for r in results["rows"].values():
+        for att in ("fgsm", "pgd"):
+            lines.append(f"| {r['label']} | {att.upper()} | " + " | ".join(_pct(a) for a in r[att]) + " |")
+            if r.get("test_mask"):
+                lines.append(f"| {r['label']} | {att.upper()} + M_test | "
+                             + " | ".join(_pct(a) for a in r["test_mask"][att]) + " |")
+    lines += ["", "## Against the baseline (McNemar, same test images, paper eps)", "",
+              "| model | clean | FGSM | PGD |", "|---|---|---|---|"]
+    for r in results["rows"].values():
+        if "vs_baseline" in r:
+            v = r["vs_baseline"]
+            lines.append(f"| {r['label']} | " + " | ".join(
+                f"{100 * v[a]['delta']:+.1f} pts, p={v[a]['p_value']:.2g} ({v[a]['verdict']})"
+                for a in ("clean", "fgsm", "pgd")) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def table_csv(results):
+    rows = table_rows(results)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    w.writeheader()
+    for t in rows:
+        w.writerow({k: ("" if v is None else v) for k, v in t.items()})
+    return buf.getvalue()
+
+
+def _json_default(o):
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_text(path, text):
+    atomic_write_bytes(path, text.encode())
+
+
+def write_all(results, out, example=None):
+    """results.json, table.md, table.csv and the figures under `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results["figures"] = write_figures(results, out, example)
+    write_text(out / "table.md", table_markdown(results))
+    write_text(out / "table.csv", table_csv(results))
+    write_text(out / "results.json", json.dumps(results, indent=1, default=_json_default, allow_nan=True) + "\n")
+
+
+# ---------------------------------------------------------------- figures
+def _save(fig, path):
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_figures(results, out, example=None):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return {"skipped": "matplotlib is not installed"}
+    rows = results["rows"]
+    p = results["protocol"]
+    eps, k = p["eps_list"], p["eps_list"].index(p["paper_eps"])
+    written = []
+
+    def done(fig, name):
+        _save(fig, out / name)
+        plt.close(fig)
+        written.append(name)
+
+    # Fig. 1: training curves
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    for r in rows.values():
+        ep = [h["epoch"] for h in r["history"]]
+        ax[0].plot(ep, [h["loss"] for h in r["history"]], marker="o", label=r["label"])
+        ax[1].plot(ep, [h["train_acc"] for h in r["history"]], marker="o", label=r["label"])
+        ax[2].plot(ep, [h["val_acc"] for h in r["history"]], marker="o", label=r["label"])
+    for a, t in zip(ax, ("training loss", "train accuracy (masked batches)", "validation accuracy (no mask)")):
+        a.set_title(t)
+        a.set_xlabel("epoch")
+    ax[2].legend(fontsize=7)
+    done(fig, FIGURES[0])
+
+    # Fig. 2: original vs adversarial
+    if example is not None:
+        n = len(example["y"])
+        fig, ax = plt.subplots(2, n, figsize=(1.6 * n, 3.6))
+        for i in range(n):
+            for j, (key, pk) in enumerate((("x", "pred"), ("x_adv", "pred_adv"))):
+                ax[j, i].imshow(example[key][i, 0], cmap="gray", vmin=0, vmax=1)
+                ax[j, i].set_title(f"pred {int(example[pk][i])}", fontsize=8,
+                                   color="black" if example[pk][i] == example["y"][i] else "red")
+                ax[j, i].axis("off")
+        fig.suptitle(f"baseline: original (top) vs FGSM eps={example['eps']:g} (bottom)")
+        done(fig, FIGURES[1])
+
+    # Fig. 3: clean vs adversarial accuracy per row
+    names = list(rows)
+    fig, ax = plt.subplots(figsize=(max(8, 1.4 * len(names)), 4))
+    w = 0.27
+    for j, (lab, vals) in enumerate((("clean", [rows[n]["clean"]["accuracy"] for n in names]),
+                                     (f"FGSM eps={p['paper_eps']:g}", [rows[n]["fgsm"][k] for n in names]),
+                                     (f"PGD eps={p['paper_eps']:g}", [rows[n]["pgd"][k] for n in names]))):
+        ax.bar([i + (j - 1) * w for i in range(len(names))], vals, w, label=lab)
+    ax.set_xticks(range(len(names)), [rows[n]["label"] for n in names], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    done(fig, FIGURES[2])
+
+    # Fig. 4: precision / recall / F1 over epochs
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    for r in rows.values():
+        ep = [h["epoch"] for h in r["history"]]
+        for a, key in zip(ax, ("val_precision", "val_recall", "val_f1")):
+            a.plot(ep, [h[key] for h in r["history"]], marker="o", label=r["label"])
+    for a, t in zip(ax, ("precision", "recall", "F1")):
+        a.set_title(f"validation macro {t}")
+        a.set_xlabel("epoch")
+    ax[2].legend(fontsize=7)
+    done(fig, FIGURES[3])
+
+    # Fig. 5: confusion matrices
+    shown = ["baseline"] + [n for n in names if rows[n]["ratio"] is not None][:1]
+    fig, ax = plt.subplots(1, len(shown), figsize=(5 * len(shown), 4.5), squeeze=False)
+    for a, n in zip(ax[0], shown):
+        cm = rows[n]["clean"]["confusion"]
+        a.imshow(cm, cmap="Blues")
+        for i, line in enumerate(cm):
+            for j, v in enumerate(line):
+                a.text(j, i, str(v), ha="center", va="center", fontsize=6)
+        a.set_title(f"{rows[n]['label']} (test)")
+        a.set_xlabel("predicted")
+        a.set_ylabel("true")
+    done(fig, FIGURES[4])
+
+    # Fig. 6: accuracy vs eps
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4))
+    for a, att in zip(ax, ("fgsm", "pgd")):
+        for r in rows.values():
+            line, = a.plot(eps, r[att], marker="o", label=r["label"])
+            if r.get("test_mask"):
+                a.plot(eps, r["test_mask"][att], ls="--", color=line.get_color())
+        a.set_title(f"{att.upper()} accuracy vs eps (dashed: with M_test)")
+        a.set_xlabel("eps (L-inf)")
+        a.set_ylim(0, 1)
+    ax[1].legend(fontsize=7)
+    done(fig, FIGURES[5])
+    return written
+
+
+# ---------------------------------------------------------------- summary
+def summary(results):
+    """One screen: Table I and where the files are."""
+    p = results["protocol"]
+    lines = [f"fastmask reproduce: {results['config']['model']} on {results['data']['dataset']} "
+             f"({results['data']['sizes']}), preset {results['config']['preset']}, seed {results['seed']}",
+             f"paper eps = {p['paper_eps']:g} (baseline FGSM on validation closest to 60%)", "",
+             f"{'model':34s} {'train':>6s} {'test':>6s} {'FGSM':>6s} {'PGD':>6s} {'time+':>6s}"
+             f" {'Mt:test':>7s} {'Mt:FGSM':>7s} | paper: test FGSM"]
+    for t in table_rows(results):
+        lines.append(f"{t['label'][:34]:34s} {_pct(t['train_acc']):>6s} {_pct(t['test_acc']):>6s} "
+                     f"{_pct(t['fgsm_acc']):>6s} {_pct(t['pgd_acc']):>6s} "
+                     f"{100 * t['train_time_increase']:+5.0f}% {_pct(t['mtest_test_acc']):>7s} "
+                     f"{_pct(t['mtest_fgsm_acc']):>7s} | {_pct(t['paper_test_acc'])} {_pct(t['paper_fgsm_acc'])}")
+    out = results["config"]["out"]
+    figs = results.get("figures")
+    lines += ["", f"wrote {out}/results.json, table.md, table.csv"
+              + (f", {len(figs)} figures" if isinstance(figs, list) else f" (figures skipped: {figs})"),
+              f"total wall time {results['wall_time_s']:.0f} s"]
+    return "\n".join(lines)

