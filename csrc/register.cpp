@@ -6,8 +6,9 @@
 // (default CPU) and call that device's launcher: the CPU one directly, the CUDA one
 // through cuda_launchers(), which csrc/cuda fills at static-init time. A meta device
 // gets an empty tensor of the right shape. Fake kernels live in fastmask/ops.py.
+#include <ATen/ATen.h>
+#include <pybind11/pybind11.h>
 #include <torch/library.h>
-#include <torch/extension.h>
 
 #include "cpu/cpu_ops.h"
 #include "fastmask/common.h"
@@ -65,6 +66,18 @@ at::Tensor mask_generate(at::IntArrayRef shape, double ratio, int64_t seed, int6
   return out;
 }
 
+// An empty list has no tensor to dispatch on: this CompositeExplicitAutograd kernel
+// answers it (norm 0) and reports devices that have no kernel.
+at::Tensor grad_clip_noise_any(at::TensorList grads, std::optional<double> max_norm,
+                               double noise_std, int64_t seed, int64_t offset,
+                               std::optional<double> clip_value, std::optional<double> smoothing,
+                               at::TensorList state) {
+  check_grad_clip_noise_args(grads, max_norm, noise_std, clip_value, smoothing, state);
+  TORCH_CHECK(grads.empty(), "grad_clip_noise_: no kernel for grads on device ",
+              grads[0].device(), " (was fastmask built with CUDA?)");
+  return at::zeros({}, at::kFloat);
+}
+
 }  // namespace fastmask
 
 TORCH_LIBRARY(fastmask, m) {
@@ -89,6 +102,7 @@ TORCH_LIBRARY(fastmask, m) {
 TORCH_LIBRARY_IMPL(fastmask, CompositeExplicitAutograd, m) {
   m.impl("philox", &fastmask::philox);
   m.impl("mask_generate", &fastmask::mask_generate);
+  m.impl("grad_clip_noise_", &fastmask::grad_clip_noise_any);
 }
 
 TORCH_LIBRARY_IMPL(fastmask, CPU, m) {

@@ -1,0 +1,429 @@
+"""The C++ CPU kernels, called directly as torch.ops.fastmask.* (not via fastmask.ops).
+
+Hand-computed cases, statistics, bit-for-bit agreement with fastmask.reference where
+docs/ops.md says so (allclose where it allows), thread-count independence of the
+float64 reductions, non-contiguous and empty inputs, and every argument check.
+"""
+import math
+import os
+
+import pytest
+import torch
+
+try:
+    import fastmask._C  # noqa: F401  (registers torch.ops.fastmask.*)
+except ImportError:
+    if os.environ.get("FASTMASK_REQUIRE_EXT") == "1":
+        raise
+    pytest.skip("fastmask._C is not built", allow_module_level=True)
+
+from fastmask import reference as ref
+
+ops = torch.ops.fastmask
+U64 = (1 << 64) - 1
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+MODES = ["pixel", "blur", "block"]
+SCOPES = ["sample", "fixed"]
+CHANNELS = ["shared", "separate"]
+
+
+def i64(v):
+    """A seed/offset in [0, 2^64) as the int64 the schema carries (two's complement)."""
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def rand(shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+def randn(shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+class threads:
+    """Run a block with torch.set_num_threads(n), restoring the old count."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        self.old = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.old)
+
+
+# ----------------------------------------------------------------------------- Philox
+
+def test_philox_known_answer():
+    words = ops.philox(0, 0, 4, None)
+    assert words.dtype == torch.int64 and words.shape == (4,)
+    assert words.tolist() == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+
+
+def test_reference_philox_random123_answers():
+    # Random123 kat_vectors for philox4x32_10 (ctr, key) -> out: anchors the oracle.
+    def block(ctr, key):
+        seed, offset = key[0] | key[1] << 32, ctr[2] | ctr[3] << 32
+        b = torch.tensor([i64(ctr[0] | ctr[1] << 32)])
+        return ref.philox_blocks(seed, offset, b)[0].tolist()
+
+    f = 0xFFFFFFFF
+    assert block([f] * 4, [f, f]) == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+    assert block([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344], [0xA4093822, 0x299F31D0]) == [
+        0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2**32 + 5, 2**63 + 11, U64])
+@pytest.mark.parametrize("offset", [0, 7, 2**32, 2**63])
+def test_philox_matches_reference(seed, offset):
+    got = ops.philox(i64(seed), i64(offset), 1037, None)
+    assert torch.equal(got, ref.philox(seed, offset, 1037))
+    assert got.min() >= 0 and got.max() < 2**32
+
+
+def test_philox_meta_and_empty():
+    assert ops.philox(1, 2, 5, torch.device("meta")).shape == (5,)
+    assert ops.philox(1, 2, 0, None).shape == (0,)
+
+
+# ----------------------------------------------------------------------------- masks
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("channels", CHANNELS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mask_ops_match_reference_bitwise(mode, scope, channels, dtype):
+    x = randn((3, 2, 5, 7), dtype, seed=1)
+    g = randn((3, 2, 5, 7), dtype, seed=2)
+    args = (0.4, 123, i64(2**63 + 9), mode, scope, channels)
+    mask = ops.mask_generate([3, 2, 5, 7], *args, None)
+    assert torch.equal(mask, ref.mask_generate((3, 2, 5, 7), 0.4, 123, 2**63 + 9, mode, scope, channels))
+    y = ops.mask_apply(x, *args, 0.25)
+    assert y.dtype == dtype
+    assert torch.equal(y, ref.mask_apply(x, 0.4, 123, 2**63 + 9, mode, scope, channels, 0.25))
+    gx = ops.mask_apply_backward(g, *args)
+    assert torch.equal(gx, ref.mask_apply_backward(g, 0.4, 123, 2**63 + 9, mode, scope, channels))
+    # mask_apply(x) == where(mask, x, fill) / where(mask, x, blur(x))
+    assert torch.equal(y[mask], x[mask])
+
+
+def test_pixel_mask_statistics():
+    mask = ops.mask_generate([4, 3, 64, 64], 0.3, 5, 0, "pixel", "sample", "separate", None)
+    assert abs(mask.double().mean().item() - 0.7) < 0.01  # 5 sd of a 49152-sample mean
+    # separate channels and samples: different masks
+    assert not torch.equal(mask[0, 0], mask[0, 1]) and not torch.equal(mask[0, 0], mask[1, 0])
+    shared = ops.mask_generate([4, 3, 64, 64], 0.3, 5, 0, "pixel", "sample", "shared", None)
+    assert torch.equal(shared[:, 0], shared[:, 1]) and torch.equal(shared[:, 0], shared[:, 2])
+    fixed = ops.mask_generate([4, 3, 64, 64], 0.3, 5, 0, "pixel", "fixed", "separate", None)
+    assert all(torch.equal(fixed[0], fixed[n]) for n in range(4))
+    # mask index of sample/shared element (n, h, w) is (n*H + h)*W + w
+    words = ops.philox(5, 0, 4 * 64 * 64, None).reshape(4, 64, 64)
+    assert torch.equal(shared[:, 0], (words >> 8) >= math.ceil(0.3 * 2**24))
+    # other seeds and offsets give other masks
+    assert not torch.equal(mask, ops.mask_generate([4, 3, 64, 64], 0.3, 6, 0, "pixel", "sample", "separate", None))
+    assert not torch.equal(mask, ops.mask_generate([4, 3, 64, 64], 0.3, 5, 1, "pixel", "sample", "separate", None))
+
+
+def test_keep_threshold_edges():
+    x = rand((2, 3, 8, 8))
+    for mode in MODES:
+        y0 = ops.mask_apply(x, 0.0, 1, 2, mode, "sample", "separate", -1.0)
+        assert torch.equal(y0, x) and y0.data_ptr() != x.data_ptr()
+        assert ops.mask_generate([2, 3, 8, 8], 0.0, 1, 2, mode, "sample", "shared", None).all()
+    for mode in ("pixel", "block"):
+        assert not ops.mask_generate([2, 3, 8, 8], 1.0, 1, 2, mode, "sample", "shared", None).any()
+        assert (ops.mask_apply(x, 1.0, 1, 2, mode, "sample", "shared", -1.0) == -1).all()
+
+
+def test_block_rectangle_by_hand():
+    # seed 0, offset 0: block 0 = 6627e8d5 e169c58d bc57ac4c (w0, w1, w2).
+    # H=6, W=8, ratio 0.25: A = floor(12 + 0.5) = 12; hmin = ceil(12/8) = 2, hmax = 6;
+    # h = 2 + 0x6627e8d5 % 5 = 3; wd = min(8, floor(27/6)) = 4;
+    # top = 0xe169c58d % 4 = 1; left = 0xbc57ac4c % 5 = 3.
+    mask = ops.mask_generate([1, 1, 6, 8], 0.25, 0, 0, "block", "sample", "shared", None)
+    expected = torch.ones(6, 8, dtype=torch.bool)
+    expected[1:4, 3:7] = False
+    assert torch.equal(mask[0, 0], expected)
+
+
+def test_block_area_and_shape():
+    H, W = 28, 28
+    for ratio in (0.05, 0.2, 0.5, 0.9):
+        mask = ops.mask_generate([16, 2, H, W], ratio, 3, 4, "block", "sample", "separate", None)
+        A = math.floor(ratio * H * W + 0.5)
+        for plane in (~mask).reshape(-1, H, W):
+            rows, cols = plane.any(1).nonzero(), plane.any(0).nonzero()
+            h, w = len(rows), len(cols)
+            assert plane.sum() == h * w  # one solid rectangle
+            assert rows.max() - rows.min() + 1 == h and cols.max() - cols.min() + 1 == w
+            assert abs(h * w - A) <= h / 2 + 1e-9 or w == W  # wd = round(A/h), capped at W
+
+
+def test_blur_by_hand():
+    x = torch.arange(9, dtype=torch.float32).reshape(1, 1, 3, 3)
+    y = ops.mask_apply(x, 1.0, 0, 0, "blur", "sample", "shared", 0.0)
+    expected = torch.tensor([[8 / 4, 15 / 6, 12 / 4], [21 / 6, 36 / 9, 27 / 6], [20 / 4, 33 / 6, 24 / 4]])
+    assert torch.equal(y[0, 0], expected)
+    one = torch.tensor([[[[5.0]]]])
+    assert torch.equal(ops.mask_apply(one, 1.0, 0, 0, "blur", "sample", "shared", 0.0), one)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_backward_is_the_adjoint(mode):
+    x, g = randn((2, 3, 9, 6), torch.float64, 3), randn((2, 3, 9, 6), torch.float64, 4)
+    args = (0.45, 77, 3, mode, "sample", "separate")
+    y = ops.mask_apply(x, *args, 0.0)  # linear in x for fill = 0
+    gx = ops.mask_apply_backward(g, *args)
+    assert torch.allclose((y * g).sum(), (x * gx).sum(), rtol=1e-12, atol=1e-12)
+    if mode != "blur":
+        mask = ops.mask_generate(list(x.shape), *args, None)
+        assert torch.equal(gx, torch.where(mask, g, torch.zeros(())))
+
+
+def test_mask_noncontiguous_and_empty():
+    x = randn((2, 3, 7, 5), seed=8).transpose(2, 3)  # 2 x 3 x 5 x 7, not contiguous
+    for mode in MODES:
+        a = (0.3, 1, 1, mode, "sample", "separate")
+        assert torch.equal(ops.mask_apply(x, *a, 0.5), ops.mask_apply(x.contiguous(), *a, 0.5))
+        assert torch.equal(ops.mask_apply_backward(x, *a), ops.mask_apply_backward(x.contiguous(), *a))
+        for shape in ((0, 3, 4, 4), (2, 3, 0, 4), (2, 0, 4, 4)):
+            e = torch.zeros(shape)
+            assert ops.mask_apply(e, *a, 0.5).shape == shape
+            assert ops.mask_apply_backward(e, *a).shape == shape
+            assert ops.mask_generate(list(shape), *a, None).shape == shape
+
+
+def test_mask_thread_count_independent():
+    x = randn((8, 3, 40, 40), seed=9)
+    for mode in MODES:
+        a = (0.3, 11, 12, mode, "sample", "separate")
+        with threads(1):
+            y1, g1 = ops.mask_apply(x, *a, 0.0), ops.mask_apply_backward(x, *a)
+        with threads(2):
+            y2, g2 = ops.mask_apply(x, *a, 0.0), ops.mask_apply_backward(x, *a)
+        assert torch.equal(y1, y2) and torch.equal(g1, g2)
+
+
+# ----------------------------------------------------------------------------- attacks
+
+def test_fgsm_by_hand():
+    x = torch.tensor([0.5, 0.5, 0.0, 0.95, 0.2, 0.3])
+    g = torch.tensor([1.0, -2.0, 0.0, 3.0, float("nan"), -0.0])
+    y = ops.fgsm(x, g, 0.1, 0.0, 1.0)
+    f = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
+    expected = torch.stack([f(0.5) + f(0.1), f(0.5) - f(0.1), f(0.0), f(1.0), f(0.2), f(0.3)])
+    assert torch.equal(y, expected)
+
+
+def test_pgd_inf_by_hand():
+    x_nat = torch.tensor([0.5, 0.5, 0.5, 0.0])
+    x_adv = torch.tensor([0.55, 0.45, 0.5, 0.0])
+    g = torch.tensor([1.0, -1.0, 0.0, -1.0])
+    y = ops.pgd_step(x_adv, x_nat, g, 0.1, 0.08, 0.0, 1.0, "inf")
+    f = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
+    # 0.65 -> capped at 0.58; 0.35 -> 0.42; no step; -0.1 -> clamp at lo = 0
+    expected = torch.stack([f(0.5) + f(0.08), f(0.5) - f(0.08), f(0.5), f(0.0)])
+    assert torch.equal(y, expected)
+
+
+def test_pgd_l2_by_hand():
+    x_nat = torch.zeros(2, 2, dtype=torch.float64)
+    g = torch.tensor([[3.0, 4.0], [0.0, -2.0]], dtype=torch.float64)
+    y = ops.pgd_step(x_nat.clone(), x_nat, g, 1.0, 0.5, -1.0, 1.0, "2")
+    # sample 0: step (0.6, 0.8), norm 1 > eps -> (0.3, 0.4); sample 1: (0, -1) -> (0, -0.5)
+    assert torch.allclose(y, torch.tensor([[0.3, 0.4], [0.0, -0.5]], dtype=torch.float64))
+    y = ops.pgd_step(x_nat.clone(), x_nat, g, 0.2, 0.5, -1.0, 1.0, "2")  # inside the ball
+    assert torch.allclose(y, torch.tensor([[0.12, 0.16], [0.0, -0.2]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attacks_match_reference(dtype):
+    x_nat = rand((4, 3, 6, 5), dtype, 1)
+    x_adv = (x_nat.double() + 0.05 * randn((4, 3, 6, 5), torch.float64, 2)).to(dtype)
+    g = randn((4, 3, 6, 5), dtype, 3)
+    g.view(-1)[::7] = 0.0
+    g.view(-1)[3] = float("nan")
+    assert torch.equal(ops.fgsm(x_nat, g, 0.03, 0.0, 1.0), ref.fgsm(x_nat, g, 0.03, 0.0, 1.0))
+    a = (0.01, 0.03, 0.0, 1.0)
+    assert torch.equal(ops.pgd_step(x_adv, x_nat, g, *a, "inf"), ref.pgd_step(x_adv, x_nat, g, *a, "inf"))
+    y = ops.random_start(x_nat, 0.3, 9, i64(2**64 - 3), "inf", 0.0, 1.0)
+    assert torch.equal(y, ref.random_start(x_nat, 0.3, 9, 2**64 - 3, "inf", 0.0, 1.0))
+    g = randn((4, 3, 6, 5), dtype, 4)  # L2: no NaN (it would spread over the sample)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float64 else dict(rtol=1e-2, atol=1e-2)
+    b = (0.1, 0.5, -10.0, 10.0)
+    assert torch.allclose(ops.pgd_step(x_adv, x_nat, g, *b, "2").double(),
+                          ref.pgd_step(x_adv, x_nat, g, *b, "2").double(), **tol)
+    assert torch.allclose(ops.random_start(x_nat, 0.5, 9, 4, "2", -10.0, 10.0).double(),
+                          ref.random_start(x_nat, 0.5, 9, 4, "2", -10.0, 10.0).double(), **tol)
+
+
+def test_pgd_step_inplace_and_noncontiguous():
+    x_nat = rand((6, 10), seed=1)
+    g = randn((6, 10), seed=2)
+    for norm in ("inf", "2"):
+        base = (x_nat + 0.01).t().contiguous()
+        x_adv = base.t()  # 6 x 10 view, not contiguous
+        expected = ops.pgd_step(x_adv.contiguous(), x_nat, g, 0.05, 0.1, 0.0, 1.0, norm)
+        assert torch.equal(ops.pgd_step(x_adv, x_nat.t().contiguous().t(), g, 0.05, 0.1, 0.0, 1.0, norm), expected)
+        assert ops.pgd_step_(x_adv, x_nat, g, 0.05, 0.1, 0.0, 1.0, norm) is None
+        assert torch.equal(x_adv, expected) and torch.equal(base.t(), expected)
+        x = x_nat + 0.01
+        ptr = x.data_ptr()
+        ops.pgd_step_(x, x_nat, g, 0.05, 0.1, 0.0, 1.0, norm)
+        assert torch.equal(x, expected) and x.data_ptr() == ptr
+    gt = g.t().contiguous().t()
+    assert torch.equal(ops.fgsm(x_nat, gt, 0.1, 0.0, 1.0), ops.fgsm(x_nat, g, 0.1, 0.0, 1.0))
+
+
+def test_random_start_balls():
+    x = torch.full((64, 1, 8, 8), 0.5, dtype=torch.float64)
+    y = ops.random_start(x, 0.1, 1, 2, "inf", 0.0, 1.0)
+    d = y - x
+    assert d.abs().max() <= 0.1 and d.min() < -0.09 and d.max() > 0.09
+    assert abs(d.mean().item()) < 0.005  # uniform on [-0.1, 0.1): sd of mean 0.0009
+    y2 = ops.random_start(x, 0.1, 1, 2, "2", -10.0, 10.0)
+    r = (y2 - x).flatten(1).norm(dim=1)
+    assert (r <= 0.1 + 1e-12).all()
+    # radius ~ eps * u^(1/64): almost all mass near the sphere
+    assert r.median() > 0.095
+    assert not torch.equal(y, ops.random_start(x, 0.1, 1, 3, "inf", 0.0, 1.0))
+
+
+def test_attack_empty_inputs():
+    e = torch.zeros(0, 3)
+    assert ops.fgsm(e, e, 0.1, 0.0, 1.0).shape == (0, 3)
+    for norm in ("inf", "2"):
+        assert ops.pgd_step(e, e, e, 0.1, 0.1, 0.0, 1.0, norm).shape == (0, 3)
+        assert ops.random_start(e, 0.1, 0, 0, norm, 0.0, 1.0).shape == (0, 3)
+        z = torch.zeros(2, 0)
+        assert ops.pgd_step(z, z, z, 0.1, 0.1, 0.0, 1.0, norm).shape == (2, 0)
+        assert ops.random_start(z, 0.1, 0, 0, norm, 0.0, 1.0).shape == (2, 0)
+
+
+def test_l2_norms_thread_count_independent():
+    x_nat = rand((3, 50000), torch.float32, 1)
+    x_adv = x_nat + 0.01
+    g = randn((3, 50000), torch.float32, 2)
+    out = []
+    for n in (1, 2):
+        with threads(n):
+            out.append((ops.pgd_step(x_adv, x_nat, g, 0.5, 1.0, -5.0, 5.0, "2"),
+                        ops.random_start(x_nat, 1.0, 3, 4, "2", -5.0, 5.0)))
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+
+
+# ----------------------------------------------------------------------------- gradients
+
+def make_grads(dtype=torch.float32):
+    shapes = [(300, 200), (10,), (0,), (64, 3, 5, 5), (1,)]
+    return [randn(s, dtype, i) for i, s in enumerate(shapes)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("max_norm,noise,clip,beta", [
+    (None, 0.0, None, None), (1.0, 0.0, None, None), (1e6, 0.0, None, None),
+    (None, 0.0, 0.5, None), (None, 0.3, None, None), (2.0, 0.1, 0.05, 0.9)])
+def test_grad_clip_noise_matches_reference(dtype, max_norm, noise, clip, beta):
+    grads, expect = make_grads(dtype), make_grads(dtype)
+    state = [0.1 * randn(t.shape, dtype, 50 + i) for i, t in enumerate(grads)] if beta is not None else []
+    state_ref = [s.clone() for s in state]
+    norm = ops.grad_clip_noise_(grads, max_norm, noise, 5, i64(2**63), clip, beta, state)
+    norm_ref = ref.grad_clip_noise_(expect, max_norm, noise, 5, 2**63, clip, beta, state_ref)
+    assert norm.shape == () and norm.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.allclose(norm, norm_ref, rtol=1e-6)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype != torch.bfloat16 else dict(rtol=1e-2, atol=1e-2)
+    for a, b in zip(grads + state, expect + state_ref):
+        assert torch.allclose(a.double(), b.double(), **tol)
+    if max_norm == 1.0:
+        assert torch.linalg.vector_norm(torch.cat([t.double().flatten() for t in grads])) <= 1.0 + 1e-5
+
+
+def test_grad_norm_value_and_empty_list():
+    grads = [torch.tensor([3.0]), torch.tensor([[4.0]])]
+    assert ops.grad_clip_noise_(grads, None, 0.0, 0, 0, None, None, []).item() == 5.0
+    assert grads[0].item() == 3.0  # nothing to do: untouched
+    norm = ops.grad_clip_noise_([], None, 0.0, 0, 0, None, None, [])
+    assert norm.item() == 0.0 and norm.dtype == torch.float32
+
+
+def test_grad_norm_thread_count_independent():
+    out = []
+    for n in (1, 2):
+        grads = make_grads() + [randn((70000,), seed=9)]
+        with threads(n):
+            norm = ops.grad_clip_noise_(grads, 1.0, 0.01, 1, 2, 0.001, None, [])
+        out.append((norm, grads))
+    assert torch.equal(out[0][0], out[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(out[0][1], out[1][1]))
+
+
+def test_grad_clip_noise_noncontiguous():
+    w = randn((30, 20), seed=1)
+    grads = [w.t(), randn((5,), seed=2)]  # the first is a non-contiguous view
+    expect = [w.t().contiguous(), grads[1].clone()]
+    n1 = ops.grad_clip_noise_(grads, 0.5, 0.2, 3, 4, 0.1, None, [])
+    n2 = ops.grad_clip_noise_(expect, 0.5, 0.2, 3, 4, 0.1, None, [])
+    assert torch.equal(n1, n2)
+    assert torch.equal(grads[0], expect[0]) and torch.equal(w.t(), expect[0])
+
+
+# ----------------------------------------------------------------------------- errors
+
+X4 = torch.zeros(2, 1, 3, 3)
+V = torch.zeros(4)
+MA = ("pixel", "sample", "shared")
+
+ERRORS = [
+    (lambda: ops.mask_apply(X4, -0.1, 0, 0, *MA, 0.0), ValueError, "ratio must be in [0, 1], got -0.1"),
+    (lambda: ops.mask_apply(X4, 1.5, 0, 0, *MA, 0.0), ValueError, "ratio must be in [0, 1], got 1.5"),
+    (lambda: ops.mask_apply(X4, float("nan"), 0, 0, *MA, 0.0), ValueError, "ratio"),
+    (lambda: ops.mask_generate([2, 1, 3, 3], 2.0, 0, 0, *MA, None), ValueError, "ratio"),
+    (lambda: ops.mask_apply_backward(X4, -1.0, 0, 0, *MA), ValueError, "ratio"),
+    (lambda: ops.mask_apply(torch.zeros(1, 3, 3), 0.5, 0, 0, *MA, 0.0), ValueError, "x must be 4-D"),
+    (lambda: ops.mask_apply_backward(torch.zeros(3, 3), 0.5, 0, 0, *MA), ValueError, "grad must be 4-D"),
+    (lambda: ops.mask_apply(X4, 0.5, 0, 0, "foo", "sample", "shared", 0.0), ValueError, "mode must be 'pixel', 'blur' or 'block', got 'foo'"),
+    (lambda: ops.mask_apply(X4, 0.5, 0, 0, "pixel", "bar", "shared", 0.0), ValueError, "scope must be 'sample' or 'fixed', got 'bar'"),
+    (lambda: ops.mask_apply(X4, 0.5, 0, 0, "pixel", "sample", "baz", 0.0), ValueError, "channels must be 'shared' or 'separate', got 'baz'"),
+    (lambda: ops.mask_generate([2, 3, 3], 0.5, 0, 0, *MA, None), ValueError, "shape must have 4 entries"),
+    (lambda: ops.mask_generate([2, -1, 3, 3], 0.5, 0, 0, *MA, None), ValueError, "shape must be non-negative"),
+    (lambda: ops.mask_apply(X4.long(), 0.5, 0, 0, *MA, 0.0), TypeError, "x must be a floating tensor"),
+    (lambda: ops.philox(0, 0, -1, None), ValueError, "n must be >= 0, got -1"),
+    (lambda: ops.fgsm(V, V, -0.1, 0.0, 1.0), ValueError, "eps must be >= 0, got -0.1"),
+    (lambda: ops.fgsm(V, V, 0.1, 1.0, 0.0), ValueError, "lo must be <= hi, got lo=1, hi=0"),
+    (lambda: ops.fgsm(V, torch.zeros(5), 0.1, 0.0, 1.0), ValueError, "grad must have the shape of x"),
+    (lambda: ops.fgsm(V, V.double(), 0.1, 0.0, 1.0), TypeError, "grad must have the dtype of x"),
+    (lambda: ops.fgsm(V.int(), V.int(), 0.1, 0.0, 1.0), TypeError, "x must be a floating tensor"),
+    (lambda: ops.pgd_step(V, V, V, 0.0, 0.1, 0.0, 1.0, "inf"), ValueError, "alpha must be > 0, got 0"),
+    (lambda: ops.pgd_step(V, V, V, 0.1, -1.0, 0.0, 1.0, "inf"), ValueError, "eps must be >= 0, got -1"),
+    (lambda: ops.pgd_step(V, V, V, 0.1, 0.1, 2.0, 1.0, "inf"), ValueError, "lo must be <= hi"),
+    (lambda: ops.pgd_step(V, V, V, 0.1, 0.1, 0.0, 1.0, "1"), ValueError, "norm must be 'inf' or '2', got '1'"),
+    (lambda: ops.pgd_step(V, V[:3], V, 0.1, 0.1, 0.0, 1.0, "inf"), ValueError, "x_nat must have the shape of x_adv"),
+    (lambda: ops.pgd_step(V, V.double(), V, 0.1, 0.1, 0.0, 1.0, "inf"), TypeError, "x_nat must have the dtype of x_adv"),
+    (lambda: ops.pgd_step(V, V, V.half(), 0.1, 0.1, 0.0, 1.0, "inf"), TypeError, "grad must have the dtype of x_adv"),
+    (lambda: ops.pgd_step(*[torch.tensor(1.0)] * 3, 0.1, 0.1, 0.0, 1.0, "2"), ValueError, "x_adv must have a batch dimension"),
+    (lambda: ops.random_start(torch.tensor(1.0), 0.1, 0, 0, "2", 0.0, 1.0), ValueError, "x must have a batch dimension"),
+    (lambda: ops.pgd_step_(V, V, V, -0.1, 0.1, 0.0, 1.0, "inf"), ValueError, "alpha must be > 0"),
+    (lambda: ops.random_start(V, -0.5, 0, 0, "inf", 0.0, 1.0), ValueError, "eps must be >= 0, got -0.5"),
+    (lambda: ops.random_start(V, 0.5, 0, 0, "l1", 0.0, 1.0), ValueError, "norm must be 'inf' or '2', got 'l1'"),
+    (lambda: ops.random_start(V, 0.5, 0, 0, "inf", 1.0, -1.0), ValueError, "lo must be <= hi"),
+    (lambda: ops.grad_clip_noise_([V], 0.0, 0.0, 0, 0, None, None, []), ValueError, "max_norm must be > 0, got 0"),
+    (lambda: ops.grad_clip_noise_([V], None, -1.0, 0, 0, None, None, []), ValueError, "noise_std must be >= 0, got -1"),
+    (lambda: ops.grad_clip_noise_([V], None, 0.0, 0, 0, 0.0, None, []), ValueError, "clip_value must be > 0, got 0"),
+    (lambda: ops.grad_clip_noise_([V], None, 0.0, 0, 0, None, 1.0, [V]), ValueError, "smoothing must be in [0, 1), got 1"),
+    (lambda: ops.grad_clip_noise_([V], None, 0.0, 0, 0, None, 0.5, []), ValueError, "state must hold one tensor per grad (1), got 0"),
+    (lambda: ops.grad_clip_noise_([V], None, 0.0, 0, 0, None, None, [V]), ValueError, "state must be empty"),
+    (lambda: ops.grad_clip_noise_([V], None, 0.0, 0, 0, None, 0.5, [V[:2]]), ValueError, "state[0] must have the shape of grads[0]"),
+    (lambda: ops.grad_clip_noise_([V, V.long()], None, 0.0, 0, 0, None, None, []), TypeError, "grads[1] must be a floating tensor"),
+    (lambda: ops.grad_clip_noise_([V, torch.zeros(2, device="meta")], None, 0.0, 0, 0, None, None, []), ValueError, "grads[1] must be on the device of grads[0]"),
+]
+
+
+@pytest.mark.parametrize("call,exc,message", ERRORS, ids=[e[2][:40] for e in ERRORS])
+def test_argument_errors(call, exc, message):
+    with pytest.raises(exc) as info:
+        call()
+    assert message in str(info.value)
