@@ -111,6 +111,17 @@ def test_mask_ops_match_reference_bitwise(mode, scope, channels, dtype):
     assert torch.equal(y[mask], x[mask])
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_mask_ops_large_planes_match_reference(mode):
+    # planes of 9000 elements: the kernels cut them into pieces (and threads) mid-row
+    x = randn((2, 1, 100, 90), seed=5)
+    a = (0.3, 2, 3, mode, "sample", "separate")
+    for threads_n in (1, 2):
+        with threads(threads_n):
+            assert torch.equal(ops.mask_apply(x, *a, -1.0), ref.mask_apply(x, *a, -1.0))
+            assert torch.equal(ops.mask_apply_backward(x, *a), ref.mask_apply_backward(x, *a))
+
+
 def test_pixel_mask_statistics():
     mask = ops.mask_generate([4, 3, 64, 64], 0.3, 5, 0, "pixel", "sample", "separate", None)
     assert abs(mask.double().mean().item() - 0.7) < 0.01  # 5 sd of a 49152-sample mean

@@ -120,11 +120,11 @@ static void random_start_l2_kernel(const scalar_t* x, scalar_t* y, int64_t N, in
                                    double eps, uint64_t seed, uint64_t offset, double lo,
                                    double hi) {
   using T = at::opmath_type<scalar_t>;
+  std::vector<double> z((size_t)(N * D));  // generated once, used by both passes
   std::vector<double> zn2 = row_sums(N, D, [&](int64_t r, int64_t b, int64_t e) {
-    std::vector<double> z(e - b);
-    philox_normals(seed, offset, (uint64_t)(r * D + b), e - b, z.data());
-    const double* zp = z.data();
-    return lane_sum(0, e - b, [&](int64_t k) { return zp[k] * zp[k]; });
+    double* zp = z.data() + r * D;
+    philox_normals(seed, offset, (uint64_t)(r * D + b), e - b, zp + b);
+    return lane_sum(b, e, [&](int64_t k) { return zp[k] * zp[k]; });
   });
   const uint64_t numel = (uint64_t)(N * D);
   std::vector<double> f(N);
@@ -132,15 +132,12 @@ static void random_start_l2_kernel(const scalar_t* x, scalar_t* y, int64_t N, in
     f[n] = random_start_l2_radius(seed, offset, numel, (uint64_t)n, (uint64_t)D, eps) /
            fm_max(std::sqrt(zn2[n]), 1e-12);
   const T l = (T)lo, h = (T)hi;
+  const double* zp = z.data();
   at::parallel_for(0, N * D, kGrain, [&](int64_t b, int64_t end) {
-    double z[kWordChunk];
-    for (int64_t s = b; s < end;) {
-      int64_t r = s / D, len = std::min({end - s, (r + 1) * D - s, kWordChunk});
-      philox_normals(seed, offset, (uint64_t)s, len, z);
+    for (int64_t k = b; k < end;) {
+      int64_t r = k / D, stop = std::min(end, (r + 1) * D);
       const double fr = f[r];
-      for (int64_t t = 0; t < len; ++t)
-        y[s + t] = (scalar_t)random_start_l2_elem<T>((T)x[s + t], z[t], fr, l, h);
-      s += len;
+      for (; k < stop; ++k) y[k] = (scalar_t)random_start_l2_elem<T>((T)x[k], zp[k], fr, l, h);
     }
   });
 }

@@ -94,30 +94,43 @@ static void mask_apply_kernel(const scalar_t* x, scalar_t* y, const MaskParams& 
   });
 }
 
-// Blur backward: gx[q] = keep_q g_q + sum_{masked neighbours p} g_p / cnt_p. The keep
-// bits of the rows a piece touches (plus one row each side) are computed once per piece.
+// Blur backward: gx[q] = keep_q g_q + sum_{masked neighbours p} g_p / cnt_p. Per piece,
+// the keep bits and the zero-padded spread plane (g_p / cnt_p where masked, else 0) of
+// the rows it touches, plus one row each side, are computed once; then every output is
+// a 3x3 box sum over the spread plane (blur_spread / box_sum3x3 in fastmask/mask.h).
 template <typename scalar_t>
 static void blur_backward_kernel(const scalar_t* g, scalar_t* gx, const MaskParams& p) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  const int64_t H = p.H, W = p.W, HW = H * W, total = p.N * p.C * HW;
+  using T = at::opmath_type<scalar_t>;
+  const int64_t H = p.H, W = p.W, HW = H * W, total = p.N * p.C * HW, ld = W + 2;
   at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
     std::vector<uint32_t> words;
     std::vector<uint8_t> keep;
+    std::vector<T> spread;
     for_each_piece(p, begin, end, [&](int64_t plane, int64_t unit, int64_t j, int64_t len) {
-      int64_t r0 = std::max<int64_t>(0, j / W - 1);
-      int64_t r1 = std::min<int64_t>(H, (j + len - 1) / W + 2);  // rows [r0, r1)
-      int64_t nk = (r1 - r0) * W;
+      const int64_t h0 = j / W, h1 = (j + len - 1) / W;  // rows of the piece
+      const int64_t r0 = std::max<int64_t>(0, h0 - 1), r1 = std::min<int64_t>(H, h1 + 2);
+      const int64_t nk = (r1 - r0) * W;
       words.resize(nk);
       keep.resize(nk);
+      spread.assign((r1 - r0 + 2) * ld, (T)0);
       philox_words(p.seed, p.offset, (uint64_t)(unit * HW + r0 * W), nk, words.data());
-      for (int64_t t = 0; t < nk; ++t) keep[t] = philox_keep(words[t], p.threshold);
-      const uint8_t* kp = keep.data();
-      auto kept = [&](int64_t hh, int64_t ww) { return kp[(hh - r0) * W + ww] != 0; };
       const scalar_t* gp = g + plane * HW;
+      for (int64_t r = r0; r < r1; ++r) {
+        uint8_t* kr = keep.data() + (r - r0) * W;
+        T* sr = spread.data() + (r - r0 + 1) * ld + 1;
+        const uint32_t* wr = words.data() + (r - r0) * W;
+        for (int64_t w = 0; w < W; ++w) {
+          kr[w] = philox_keep(wr[w], p.threshold);
+          sr[w] = blur_spread<T>((T)gp[r * W + w], blur_count(H, W, r, w), kr[w] != 0);
+        }
+      }
       scalar_t* op = gx + plane * HW;
-      for (int64_t t = 0; t < len; ++t) {
-        int64_t k = j + t;
-        op[k] = (scalar_t)blur_adjoint_at<opmath_t>(gp, kept, H, W, k / W, k % W);
+      for (int64_t h = h0; h <= h1; ++h) {
+        const int64_t wb = h == h0 ? j % W : 0, we = h == h1 ? (j + len - 1) % W + 1 : W;
+        const uint8_t* kr = keep.data() + (h - r0) * W;
+        const T* sr = spread.data() + (h - r0 + 1) * ld + 1;
+        for (int64_t w = wb; w < we; ++w)
+          op[h * W + w] = (scalar_t)((kr[w] ? (T)gp[h * W + w] : (T)0) + box_sum3x3<T>(sr + w, ld));
       }
     });
   });

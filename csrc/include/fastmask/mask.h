@@ -101,4 +101,24 @@ FASTMASK_HD T blur_adjoint_at(const scalar_t* gplane, const KeptFn& kept, int64_
   return (kept(h, w) ? (T)gplane[h * W + w] : (T)0) + t;
 }
 
+// Adjoint via a zero-padded "spread" plane (what the CPU kernel vectorizes; same bits
+// as blur_adjoint_at): spread[p] = g_p / cnt_p if p is masked, else +0; then
+// gx[q] = (g_q if kept, else 0) + box_sum3x3(&spread[q], row stride of the padded plane).
+template <typename T>
+FASTMASK_HD T blur_spread(T g, int cnt, bool kept) {
+  return kept ? (T)0 : g / (T)cnt;
+}
+
+// Sum of the 3x3 window centred at c (row stride ld) from 0 in the blur order. With
+// zero padding this equals skipping out-of-bounds terms bit for bit: the running sum
+// starts at +0 and so is never -0, and adding +0 to it changes nothing.
+template <typename T>
+FASTMASK_HD T box_sum3x3(const T* c, int64_t ld) {
+  T s = (T)0;
+  s = s + c[-ld - 1]; s = s + c[-ld]; s = s + c[-ld + 1];
+  s = s + c[-1];      s = s + c[0];   s = s + c[1];
+  s = s + c[ld - 1];  s = s + c[ld];  s = s + c[ld + 1];
+  return s;
+}
+
 }  // namespace fastmask
