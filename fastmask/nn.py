@@ -1,0 +1,149 @@
+"""Modules: random/fixed feature masking, a learned soft mask, gradient manipulation.
+
+FeatureMask draws its masks from the Philox stream (seed, offset) of fastmask.ops:
+- training, scope "sample": offset = a step counter (buffer `step`, saved in the
+  state_dict) that advances by one per call, so every call (and, within a call,
+  every sample) gets a fresh mask and a resumed run continues the same stream;
+- training, scope "fixed": the paper's fixed masking, one mask for every image and
+  step: offset FIXED_OFFSET = 2^64 - 1, which the counter never reaches;
+- eval, eval_mask "off": no masking (y = x);
+- eval, eval_mask "consistent": the paper's M_test, one mask for every test image:
+  scope "fixed" at offset FIXED_OFFSET. For a model trained with scope "fixed" this
+  is its training mask.
+"""
+from typing import Iterable, List, Optional
+
+import torch
+from torch import Tensor
+
+from fastmask import ops
+
+__all__ = ["FeatureMask", "LearnedMask", "GradManipulator", "FIXED_OFFSET"]
+
+FIXED_OFFSET = 2 ** 64 - 1  # the offset reserved for fixed and test masks
+
+
+class FeatureMask(torch.nn.Module):
+    """Masks a fraction `ratio` of the input features (N x C x H x W) in training.
+
+    Args: ratio in [0, 1]; mode "pixel" | "block" | "blur"; scope "sample" (fresh
+    random mask per sample and call) | "fixed" (one mask throughout); channels
+    "shared" | "separate"; fill: value of masked features (pixel, block); seed: the
+    Philox key (give two FeatureMask layers different seeds); eval_mask: "off"
+    (no masking at eval) | "consistent" (one fixed test mask M_test at eval).
+    """
+
+    def __init__(self, ratio: float, mode: str = "pixel", scope: str = "sample",
+                 channels: str = "shared", fill: float = 0.0, seed: int = 0,
+                 eval_mask: str = "off"):
+        super().__init__()
+        # validate once here, with the op's own checks
+        ops._mask_args(ratio, mode, scope, channels)
+        ops._u64("seed", seed)
+        ops._number("fill", fill)
+        self.ratio, self.mode, self.scope, self.channels = float(ratio), mode, scope, channels
+        self.fill, self.seed = float(fill), int(seed)
+        self.eval_mask = ops._choice("eval_mask", eval_mask, ("off", "consistent"))
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            if self.eval_mask == "off":
+                return x
+            return ops.mask_apply(x, self.ratio, seed=self.seed, offset=FIXED_OFFSET,
+                                  mode=self.mode, scope="fixed", channels=self.channels,
+                                  fill=self.fill)
+        if self.scope == "fixed":
+            offset = FIXED_OFFSET
+        else:
+            offset = self.step.clone()
+        with torch.no_grad():
+            self.step.add_(1)
+        return ops.mask_apply(x, self.ratio, seed=self.seed, offset=offset, mode=self.mode,
+                              scope=self.scope, channels=self.channels, fill=self.fill)
+
+    def extra_repr(self) -> str:
+        return (f"ratio={self.ratio}, mode={self.mode!r}, scope={self.scope!r}, "
+                f"channels={self.channels!r}, fill={self.fill}, seed={self.seed}, "
+                f"eval_mask={self.eval_mask!r}")
+
+
+class LearnedMask(torch.nn.Module):
+    """A learnable soft mask M = sigmoid(logits) (the paper's eqs. 15-17).
+
+    forward(x) = x * M (M broadcast over the batch); penalty() = l1 * sum |M|, the
+    lambda * R(M) term to add to the loss. `shape` is the feature shape, e.g.
+    (1, 28, 28); logits start at `init` (sigmoid(3) ~ 0.95: almost all kept).
+    """
+
+    def __init__(self, shape, l1: float = 1e-3, init: float = 3.0):
+        super().__init__()
+        l1 = ops._number("l1", l1)
+        if l1 < 0:
+            raise ValueError(f"l1 must be >= 0, got {l1}")
+        self.l1 = l1
+        self.logits = torch.nn.Parameter(torch.full(tuple(shape), float(init)))
+
+    def mask(self) -> Tensor:
+        return torch.sigmoid(self.logits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.mask()
+
+    def penalty(self) -> Tensor:
+        return self.l1 * self.mask().abs().sum()
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.logits.shape)}, l1={self.l1}"
+
+
+class GradManipulator:
+    """Gradient clipping / noise / smoothing between backward() and optimizer.step().
+
+        manip = GradManipulator(model.parameters(), max_norm=1.0, noise_std=0.01, seed=0)
+        loss.backward(); manip.step(); opt.step()
+
+    Each step calls ops.grad_clip_noise_ on the parameters' gradients (parameters
+    without a gradient are skipped) with offset = the step count, so the noise is
+    fresh every step and reproducible. With smoothing beta the exponential average
+    s <- beta*s + (1-beta)*g replaces the gradient; s starts at the first step's
+    (clipped, noised) gradient. state_dict()/load_state_dict() carry the step count
+    and the smoothing state, so a resumed run continues identically.
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], max_norm: Optional[float] = None,
+                 noise_std: float = 0.0, clip_value: Optional[float] = None,
+                 smoothing: Optional[float] = None, seed: int = 0):
+        self.params: List[torch.nn.Parameter] = list(params)
+        self.max_norm, self.noise_std = max_norm, noise_std
+        self.clip_value, self.smoothing, self.seed = clip_value, smoothing, seed
+        # validate the arguments once with the op's own checks
+        ops.grad_clip_noise_([], max_norm, noise_std, seed=seed, clip_value=clip_value,
+                             smoothing=smoothing, state=[])
+        self.steps = 0
+        self.state: Optional[List[Tensor]] = None  # smoothing state, one per gradient
+        self.last_norm: Optional[Tensor] = None
+
+    def step(self) -> Tensor:
+        """Manipulate the gradients in place; returns their global norm before clipping."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        smoothing = self.smoothing
+        if smoothing is not None and (self.state is None or len(self.state) != len(grads)):
+            smoothing = None  # first step: the state starts at this step's gradient
+        norm = ops.grad_clip_noise_(grads, self.max_norm, self.noise_std, seed=self.seed,
+                                    offset=self.steps, clip_value=self.clip_value,
+                                    smoothing=smoothing,
+                                    state=self.state if smoothing is not None else None)
+        if self.smoothing is not None and smoothing is None:
+            self.state = [g.detach().clone() for g in grads]
+        self.steps += 1
+        self.last_norm = norm
+        return norm
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps,
+                "state": None if self.state is None else [s.clone() for s in self.state]}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.steps = int(sd["steps"])
+        self.state = None if sd["state"] is None else [s.clone() for s in sd["state"]]

@@ -1,0 +1,463 @@
+"""Public fastmask ops: validation, dispatch to the C++ extension or the reference.
+
+Every function checks its arguments (ValueError/TypeError naming the argument and
+its value), then calls `torch.ops.fastmask.*` from the compiled extension
+`fastmask._C` or, when that is absent or FASTMASK_DISABLE_EXT=1, the pure-PyTorch
+reference in fastmask/reference.py. The exact semantics are in docs/ops.md.
+
+When the extension is loaded this module also registers fake kernels for every op
+(torch.compile, torch.library.opcheck) and the autograd formula of mask_apply: its
+backward regenerates the mask from (seed, offset) with mask_apply_backward; nothing
+is stored. In fallback mode the reference is plain torch, so autograd and
+torch.compile work natively.
+
+Seeds and offsets are integers in [0, 2^64). `mask_apply` also takes the offset as
+a 0-d integer tensor (e.g. a counter buffer, see fastmask.nn.FeatureMask): the
+value is then read inside a custom op, so torch.compile traces it once instead of
+recompiling for each offset.
+
+The attack-step ops (fgsm, pgd_step, random_start) are not differentiable: their
+inputs are detached and the result never requires grad.
+"""
+import math
+import numbers
+import os
+from typing import List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from fastmask import reference
+
+__all__ = [
+    "philox", "mask_apply", "mask_generate", "fgsm", "pgd_step", "pgd_step_",
+    "random_start", "grad_clip_noise_", "extension_loaded",
+    "MODES", "SCOPES", "CHANNELS", "NORMS",
+]
+
+MODES = ("pixel", "block", "blur")
+SCOPES = ("sample", "fixed")
+CHANNELS = ("shared", "separate")
+NORMS = ("inf", "2")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _load_extension() -> bool:
+    if os.environ.get("FASTMASK_DISABLE_EXT", "") == "1":
+        return False
+    try:
+        from fastmask import _C  # noqa: F401  (importing registers torch.ops.fastmask.*)
+    except (ImportError, OSError):
+        return False
+    return hasattr(torch.ops.fastmask, "mask_apply")
+
+
+_ext_available = _load_extension()
+# Module-level switch: the ops call the extension while this is True. Tests set it
+# to False to run the same checks through the reference (the fallback path).
+_use_ext = _ext_available
+
+
+def extension_loaded() -> bool:
+    """True when the ops run on the compiled extension, False on the reference."""
+    return _use_ext
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError(f"{name} must not be NaN, got {value!r}")
+    return value
+
+
+def _u64(name: str, value) -> int:
+    """An integer in [0, 2^64), returned as int64 two's complement (the C++ schema)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer in [0, 2**64), got {value!r} "
+                        f"({type(value).__name__})")
+    value = int(value)
+    if not 0 <= value < 2 ** 64:
+        raise ValueError(f"{name} must be in [0, 2**64), got {value}")
+    return value - 2 ** 64 if value >= 2 ** 63 else value
+
+
+def _ratio(ratio) -> float:
+    ratio = _number("ratio", ratio)
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+    return ratio
+
+
+def _choice(name: str, value, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def _norm(norm) -> str:
+    """'inf' or '2' (also accepts math.inf and 2)."""
+    if not isinstance(norm, str) and isinstance(norm, numbers.Real) and not isinstance(norm, bool):
+        norm = "inf" if norm == math.inf else ("2" if norm == 2 else norm)
+    return _choice("norm", norm, NORMS)
+
+
+def _bounds(lo, hi):
+    lo, hi = _number("lo", lo), _number("hi", hi)
+    if lo > hi:
+        raise ValueError(f"lo must be <= hi, got lo={lo}, hi={hi}")
+    return lo, hi
+
+
+def _eps(eps) -> float:
+    eps = _number("eps", eps)
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    return eps
+
+
+def _float_tensor(name: str, t) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, "
+                        f"float64), got {t.dtype}")
+    return t
+
+
+def _like(name: str, t, ref_name: str, ref: Tensor) -> Tensor:
+    _float_tensor(name, t)
+    if t.shape != ref.shape:
+        raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, "
+                         f"got {tuple(t.shape)}")
+    if t.dtype != ref.dtype:
+        raise ValueError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), "
+                         f"got {t.device}")
+    return t
+
+
+def _mask_args(ratio, mode, scope, channels):
+    return (_ratio(ratio), _choice("mode", mode, MODES), _choice("scope", scope, SCOPES),
+            _choice("channels", channels, CHANNELS))
+
+
+# ----------------------------------------------------------------------------- ops
+
+def philox(seed: int, offset: int, n: int, device=None) -> Tensor:
+    """Words 0..n-1 of the Philox4x32-10 stream (seed, offset), as int64 in [0, 2^32).
+
+    Word k is lane k % 4 of block k // 4; block b has counter (b, offset), key seed.
+    """
+    seed, offset = _u64("seed", seed), _u64("offset", offset)
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+        raise ValueError(f"n must be a non-negative integer, got {n!r}")
+    device = torch.device(device) if device is not None else None
+    if _use_ext:
+        return torch.ops.fastmask.philox(seed, offset, int(n), device)
+    return reference.philox(seed, offset, int(n), device)
+
+
+def mask_generate(shape: Sequence[int], ratio: float, *, seed: int, offset: int = 0,
+                  mode: str = "pixel", scope: str = "sample", channels: str = "shared",
+                  device=None) -> Tensor:
+    """The bool mask (True = kept) that mask_apply uses for an input of `shape` (N, C, H, W).
+
+    mode: "pixel" (each element masked with probability ratio), "block" (one
+    rectangle of area round(ratio*H*W) per mask unit) or "blur" (as pixel).
+    scope: "sample" (a different mask per sample) or "fixed" (one mask for all).
+    channels: "shared" (one mask for all channels) or "separate" (one per channel).
+    """
+    if isinstance(shape, Tensor) or not isinstance(shape, (list, tuple, torch.Size)) \
+            or len(shape) != 4 or not all(isinstance(s, numbers.Integral) and not
+                                          isinstance(s, bool) and s >= 0 for s in shape):
+        raise ValueError(f"shape must be 4 non-negative integers (N, C, H, W), got {shape!r}")
+    ratio, mode, scope, channels = _mask_args(ratio, mode, scope, channels)
+    seed, offset = _u64("seed", seed), _u64("offset", offset)
+    shape = [int(s) for s in shape]
+    device = torch.device(device) if device is not None else None
+    if _use_ext:
+        return torch.ops.fastmask.mask_generate(shape, ratio, seed, offset, mode, scope,
+                                                channels, device)
+    return reference.mask_generate(shape, ratio, seed, offset, mode, scope, channels, device)
+
+
+def _mask_apply_int(x, ratio, seed, offset, mode, scope, channels, fill):
+    if _use_ext:
+        return torch.ops.fastmask.mask_apply(x, ratio, seed, offset, mode, scope, channels, fill)
+    return reference.mask_apply(x, ratio, seed, offset, mode, scope, channels, fill)
+
+
+def mask_apply(x: Tensor, ratio: float, *, seed: int, offset: Union[int, Tensor] = 0,
+               mode: str = "pixel", scope: str = "sample", channels: str = "shared",
+               fill: float = 0.0) -> Tensor:
+    """Mask the N x C x H x W input x with the mask of (seed, offset).
+
+    pixel/block: masked elements are set to `fill`; blur: replaced by the mean of
+    their 3x3 neighbourhood (fill unused). ratio 0 returns a copy of x, no RNG.
+    Differentiable w.r.t. x (the backward regenerates the mask, nothing is stored).
+    `offset` may be an int in [0, 2^64) or a 0-d integer tensor (read as int64 two's
+    complement), which lets torch.compile trace one graph for every offset.
+    """
+    _float_tensor("x", x)
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    ratio, mode, scope, channels = _mask_args(ratio, mode, scope, channels)
+    seed = _u64("seed", seed)
+    fill = _number("fill", fill)
+    if isinstance(offset, Tensor):
+        if offset.dim() != 0 or offset.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"offset tensor must be a 0-d int64 tensor, got shape "
+                             f"{tuple(offset.shape)} dtype {offset.dtype}")
+        # a copy, so that changing the caller's counter later cannot change the backward
+        return torch.ops.fastmask_py.mask_apply_at(x, ratio, seed, offset.detach().clone(),
+                                                   mode, scope, channels, fill)
+    return _mask_apply_int(x, ratio, seed, _u64("offset", offset), mode, scope, channels, fill)
+
+
+def fgsm(x: Tensor, grad: Tensor, eps: float, lo: float = 0.0, hi: float = 1.0) -> Tensor:
+    """y = clamp(x + eps * sign(grad), lo, hi), with sign(0) = sign(NaN) = 0."""
+    _float_tensor("x", x)
+    _like("grad", grad, "x", x)
+    eps = _eps(eps)
+    lo, hi = _bounds(lo, hi)
+    x, grad = x.detach(), grad.detach()
+    if _use_ext:
+        return torch.ops.fastmask.fgsm(x, grad, eps, lo, hi)
+    return reference.fgsm(x, grad, eps, lo, hi)
+
+
+def _pgd_args(x_adv, x_nat, grad, alpha, eps, lo, hi, norm):
+    _float_tensor("x_adv", x_adv)
+    _like("x_nat", x_nat, "x_adv", x_adv)
+    _like("grad", grad, "x_adv", x_adv)
+    alpha = _number("alpha", alpha)
+    if alpha <= 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    eps = _eps(eps)
+    lo, hi = _bounds(lo, hi)
+    norm = _norm(norm)
+    if norm == "2" and x_adv.dim() == 0:
+        raise ValueError("x_adv must have a batch dimension (dim 0) for norm '2', got a 0-d tensor")
+    return x_adv.detach(), x_nat.detach(), grad.detach(), alpha, eps, lo, hi, norm
+
+
+def pgd_step(x_adv: Tensor, x_nat: Tensor, grad: Tensor, alpha: float, eps: float,
+             lo: float = 0.0, hi: float = 1.0, norm: str = "inf") -> Tensor:
+    """One PGD step from x_adv along grad, projected on the eps-ball around x_nat.
+
+    norm "inf": clamp(min(max(x_adv + alpha*sign(grad), x_nat - eps), x_nat + eps), lo, hi).
+    norm "2": per sample (dim 0) a step of length alpha along grad/||grad||, then the
+    difference to x_nat is rescaled into the L2 ball of radius eps, then clamped.
+    """
+    args = _pgd_args(x_adv, x_nat, grad, alpha, eps, lo, hi, norm)
+    if _use_ext:
+        return torch.ops.fastmask.pgd_step(*args)
+    return reference.pgd_step(*args)
+
+
+def pgd_step_(x_adv: Tensor, x_nat: Tensor, grad: Tensor, alpha: float, eps: float,
+              lo: float = 0.0, hi: float = 1.0, norm: str = "inf") -> Tensor:
+    """pgd_step written into x_adv in place; returns x_adv."""
+    args = _pgd_args(x_adv, x_nat, grad, alpha, eps, lo, hi, norm)
+    if _use_ext:
+        torch.ops.fastmask.pgd_step_(*args)
+    else:
+        reference.pgd_step_(*args)
+    return x_adv
+
+
+def random_start(x: Tensor, eps: float, *, seed: int, offset: int = 0, norm: str = "inf",
+                 lo: float = 0.0, hi: float = 1.0) -> Tensor:
+    """x plus a uniform random point of the eps-ball (L-inf cube or, per sample, L2 ball),
+    clamped to [lo, hi]."""
+    _float_tensor("x", x)
+    eps = _eps(eps)
+    seed, offset = _u64("seed", seed), _u64("offset", offset)
+    norm = _norm(norm)
+    lo, hi = _bounds(lo, hi)
+    if norm == "2" and x.dim() == 0:
+        raise ValueError("x must have a batch dimension (dim 0) for norm '2', got a 0-d tensor")
+    x = x.detach()
+    if _use_ext:
+        return torch.ops.fastmask.random_start(x, eps, seed, offset, norm, lo, hi)
+    return reference.random_start(x, eps, seed, offset, norm, lo, hi)
+
+
+def grad_clip_noise_(grads: Sequence[Tensor], max_norm: Optional[float] = None,
+                     noise_std: float = 0.0, *, seed: int, offset: int = 0,
+                     clip_value: Optional[float] = None, smoothing: Optional[float] = None,
+                     state: Optional[Sequence[Tensor]] = None) -> Tensor:
+    """Gradient manipulation in place, in this order (docs/ops.md):
+
+    1. norm = global L2 norm of all grads (float64 accumulation);
+    2. max_norm: scale every grad by min(1, max_norm / (norm + 1e-6));
+    3. clip_value: clamp every element to [-clip_value, clip_value];
+    4. noise_std > 0: add noise_std * z_k, z_k the Gaussian of global element k of
+       the stream (seed, offset) (k runs over the grads in list order);
+    5. smoothing beta: s <- beta*s + (1 - beta)*g, g <- s (state: tensors like grads).
+
+    Returns the norm before clipping (0-d; float64 for float64 grads, else float32).
+    """
+    if isinstance(grads, Tensor) or not isinstance(grads, (list, tuple)):
+        raise TypeError(f"grads must be a list of tensors, got {type(grads).__name__}")
+    grads = list(grads)
+    for i, g in enumerate(grads):
+        _float_tensor(f"grads[{i}]", g)
+        if g.device != grads[0].device:
+            raise ValueError(f"grads[{i}] must be on the device of grads[0] ({grads[0].device}), "
+                             f"got {g.device}")
+    if max_norm is not None:
+        max_norm = _number("max_norm", max_norm)
+        if max_norm <= 0:
+            raise ValueError(f"max_norm must be > 0, got {max_norm}")
+    noise_std = _number("noise_std", noise_std)
+    if noise_std < 0:
+        raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+    if clip_value is not None:
+        clip_value = _number("clip_value", clip_value)
+        if clip_value <= 0:
+            raise ValueError(f"clip_value must be > 0, got {clip_value}")
+    seed, offset = _u64("seed", seed), _u64("offset", offset)
+    state = [] if state is None else list(state)
+    if smoothing is not None:
+        smoothing = _number("smoothing", smoothing)
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+        if len(state) != len(grads):
+            raise ValueError(f"state must be a list of {len(grads)} tensors like grads when "
+                             f"smoothing is set, got {len(state)}")
+        for i, (s, g) in enumerate(zip(state, grads)):
+            _like(f"state[{i}]", s, f"grads[{i}]", g)
+    elif state:
+        raise ValueError(f"state must be empty when smoothing is None, got {len(state)} tensors")
+    with torch.no_grad():
+        if _use_ext:
+            return torch.ops.fastmask.grad_clip_noise_(grads, max_norm, noise_std, seed, offset,
+                                                       clip_value, smoothing, state)
+        return reference.grad_clip_noise_(grads, max_norm, noise_std, seed, offset, clip_value,
+                                          smoothing, state)
+
+
+# ----------------------------------------------------------------- offset-as-tensor op
+# mask_apply with the offset in a 0-d tensor: torch.compile sees one opaque op whose
+# inputs do not change between calls, so a counter buffer costs no recompilation.
+
+@torch.library.custom_op("fastmask_py::mask_apply_at", mutates_args=())
+def _mask_apply_at(x: Tensor, ratio: float, seed: int, offset: Tensor, mode: str, scope: str,
+                   channels: str, fill: float) -> Tensor:
+    return _mask_apply_int(x.contiguous(), ratio, seed, int(offset), mode, scope, channels,
+                           fill).contiguous()
+
+
+@torch.library.custom_op("fastmask_py::mask_apply_backward_at", mutates_args=())
+def _mask_apply_backward_at(grad: Tensor, ratio: float, seed: int, offset: Tensor, mode: str,
+                            scope: str, channels: str) -> Tensor:
+    grad = grad.contiguous()
+    offset = int(offset)
+    if _use_ext:
+        return torch.ops.fastmask.mask_apply_backward(grad, ratio, seed, offset, mode, scope,
+                                                      channels)
+    return reference.mask_apply_backward(grad, ratio, seed, offset, mode, scope, channels)
+
+
+@_mask_apply_at.register_fake
+def _(x, ratio, seed, offset, mode, scope, channels, fill):
+    return x.new_empty(x.shape)
+
+
+@_mask_apply_backward_at.register_fake
+def _(grad, ratio, seed, offset, mode, scope, channels):
+    return grad.new_empty(grad.shape)
+
+
+def _at_setup(ctx, inputs, output):
+    ctx.args = inputs[1:7]  # ratio, seed, offset, mode, scope, channels
+
+
+def _at_backward(ctx, g):
+    ratio, seed, offset, mode, scope, channels = ctx.args
+    gx = torch.ops.fastmask_py.mask_apply_backward_at(g, ratio, seed, offset, mode, scope,
+                                                      channels)
+    return (gx,) + (None,) * 7
+
+
+def _at_double_backward(ctx, gg):
+    # mask_apply_backward is linear in grad; its adjoint is the linear part of
+    # mask_apply, i.e. mask_apply with fill 0.
+    ratio, seed, offset, mode, scope, channels = ctx.args
+    return (torch.ops.fastmask_py.mask_apply_at(gg, ratio, seed, offset, mode, scope,
+                                                channels, 0.0),) + (None,) * 6
+
+
+_mask_apply_at.register_autograd(_at_backward, setup_context=_at_setup)
+_mask_apply_backward_at.register_autograd(_at_double_backward, setup_context=_at_setup)
+
+
+# ----------------------------------------------- fake kernels and autograd (extension)
+
+def _register_extension_kernels() -> None:
+    def fake(name):
+        qualname = f"fastmask::{name}"
+        # philox/mask_generate are CompositeExplicitAutograd in C++ (they handle meta).
+        if torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Meta"):
+            return lambda fn: fn
+        return torch.library.register_fake(qualname)
+
+    @fake("philox")
+    def _(seed, offset, n, device=None):
+        return torch.empty((n,), dtype=torch.int64, device=device)
+
+    @fake("mask_generate")
+    def _(shape, ratio, seed, offset, mode, scope, channels, device=None):
+        return torch.empty(shape, dtype=torch.bool, device=device)
+
+    @fake("mask_apply")
+    def _(x, ratio, seed, offset, mode, scope, channels, fill):
+        return x.new_empty(x.shape)
+
+    @fake("mask_apply_backward")
+    def _(grad, ratio, seed, offset, mode, scope, channels):
+        return grad.new_empty(grad.shape)
+
+    @fake("fgsm")
+    def _(x, grad, eps, lo, hi):
+        return x.new_empty(x.shape)
+
+    @fake("pgd_step")
+    def _(x_adv, x_nat, grad, alpha, eps, lo, hi, norm):
+        return x_adv.new_empty(x_adv.shape)
+
+    @fake("pgd_step_")
+    def _(x_adv, x_nat, grad, alpha, eps, lo, hi, norm):
+        return None
+
+    @fake("random_start")
+    def _(x, eps, seed, offset, norm, lo, hi):
+        return x.new_empty(x.shape)
+
+    @fake("grad_clip_noise_")
+    def _(grads, max_norm, noise_std, seed, offset, clip_value, smoothing, state):
+        if len(grads) == 0:
+            return torch.empty((), dtype=torch.float32)
+        dtype = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
+        return grads[0].new_empty((), dtype=dtype)
+
+    def backward(ctx, g):
+        gx = torch.ops.fastmask.mask_apply_backward(g, *ctx.args)
+        return (gx,) + (None,) * 7
+
+    def double_backward(ctx, gg):
+        return (torch.ops.fastmask.mask_apply(gg, *ctx.args, 0.0),) + (None,) * 6
+
+    torch.library.register_autograd("fastmask::mask_apply", backward, setup_context=_at_setup)
+    torch.library.register_autograd("fastmask::mask_apply_backward", double_backward,
+                                    setup_context=_at_setup)
+
+
+if _ext_available:
+    _register_extension_kernels()
