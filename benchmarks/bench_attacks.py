@@ -2,8 +2,7 @@
 
 FGSM and PGD-40 (eps 0.3, alpha 0.01, L-inf, no random start, batch 500) on the
 paper's MLP and CNN. Correctness first: before anything is timed, every
-implementation's adversarial examples are compared with fastmask's (they must
-agree up to float rounding). The ART timing includes its numpy round trip,
+implementation's adversarial examples are compared with fastmask's (see verify). The ART timing includes its numpy round trip,
 since that is what an ART user pays.
 """
 import numpy as np
@@ -28,9 +27,9 @@ def mnist_batch(n, device):
 
 
 def eager_fgsm(model, x, y, eps):
-    """What a user writes without a library."""
+    """What a user writes without a library (summed cross-entropy, as fastmask.attacks)."""
     x = x.clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(F.cross_entropy(model(x), y), x)
+    (g,) = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), x)
     return (x.detach() + eps * g.sign()).clamp(0, 1)
 
 
@@ -38,7 +37,7 @@ def eager_pgd(model, x, y, eps, alpha, steps):
     x_adv = x.clone()
     for _ in range(steps):
         x_adv.requires_grad_(True)
-        (g,) = torch.autograd.grad(F.cross_entropy(model(x_adv), y), x_adv)
+        (g,) = torch.autograd.grad(F.cross_entropy(model(x_adv), y, reduction="sum"), x_adv)
         x_adv = torch.min(torch.max(x_adv.detach() + alpha * g.sign(), x - eps), x + eps).clamp(0, 1)
     return x_adv
 
@@ -79,23 +78,26 @@ def implementations(model, steps, device):
     return impls, notes
 
 
-def agreement(a, b, alpha):
-    """max |a - b| and the fraction of pixels that differ by more than float rounding (1e-5)."""
-    d = (a - b).abs()
-    return {"max_abs_diff": d.max().item(), "frac_differ": (d > 1e-5).double().mean().item(),
-            "frac_differ_by_a_step": (d > alpha / 2).double().mean().item()}
+def agreement(a, b):
+    """max |a - b|, and the fractions of pixels and of samples that differ beyond rounding (1e-5)."""
+    d = (a - b).abs() > 1e-5
+    return {"max_abs_diff": (a - b).abs().max().item(), "frac_differ": d.double().mean().item(),
+            "samples_differ": d.flatten(1).any(1).double().mean().item()}
 
 
 def verify(name, adv, ref, x, kind):
-    """Assert fastmask-equivalence: FGSM equal up to rounding; PGD-k may flip a handful of
-    pixels (a gradient sign at ~0 decided differently after a rounding difference)."""
-    a = agreement(adv, ref, ALPHA)
+    """Correctness before speed. The eager loop uses fastmask's loss (summed cross-entropy)
+    and must agree to rounding everywhere. torchattacks and ART average the loss over the
+    batch: the gradients then differ by rounding, and where a pixel's gradient is within
+    rounding of 0 its sign can flip; over PGD's steps that sample's path then diverges.
+    So for them FGSM must agree everywhere and PGD on at least 99 % of the samples."""
+    a = agreement(adv, ref)
     assert ((adv - x).abs() <= EPS + 1e-5).all() and adv.min() >= 0 and adv.max() <= 1, \
         f"{name} {kind}: outside the eps-ball or [0, 1]"
-    if kind == "fgsm":
-        assert a["frac_differ"] <= 1e-4, f"{name} fgsm differs from fastmask: {a}"
+    if name == "eager" or kind == "fgsm":
+        assert a["frac_differ"] <= 1e-4, f"{name} {kind} differs from fastmask: {a}"
     else:
-        assert a["frac_differ"] <= 1e-3, f"{name} pgd differs from fastmask: {a}"
+        assert a["samples_differ"] <= 0.01, f"{name} {kind} differs from fastmask: {a}"
     return a
 
 
@@ -107,7 +109,7 @@ def bench(args, report):
     x, y, source = mnist_batch(n, dev)
     opts = harness.timing_opts(args)
     if not args.tiny:  # one whole attack per sample
-        opts.update(repeats=3 if args.quick else 5, warmup=1, target_s=1e-9)
+        opts.update(repeats=3, warmup=0, target_s=1e-9)  # the calibration call warms up
     for arch in ("mlp",) if args.tiny else ("mlp", "cnn"):
         model = models.build(arch, seed=0).to(dev).eval()
         impls, notes = implementations(model, steps, dev)

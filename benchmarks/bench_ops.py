@@ -26,16 +26,26 @@ def sizes(args):
 
 
 def peak_bandwidth(device):
-    """(bytes/s, how it was found): device properties if they say, else measured copy."""
+    """(bytes/s, how it was found): device properties, else NVML, else a measured copy."""
     props = torch.cuda.get_device_properties(device)
     clock_khz = getattr(props, "memory_clock_rate", 0)
     bus_bits = getattr(props, "memory_bus_width", 0)
     if clock_khz and bus_bits:  # double data rate
         return 2 * clock_khz * 1e3 * bus_bits / 8, "device properties (2 x memory clock x bus width)"
+    try:  # CUDA 13 dropped memoryClockRate from cudaDeviceProp; NVML still has both
+        import pynvml
+        pynvml.nvmlInit()
+        h = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        mhz = pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_MEM)
+        bits = pynvml.nvmlDeviceGetMemoryBusWidth(h)
+        if mhz and bits:
+            return 2 * mhz * 1e6 * bits / 8, "NVML (2 x max memory clock x bus width)"
+    except Exception:
+        pass
     src = torch.empty(2 ** 28, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     t = harness.compare({"copy": lambda: dst.copy_(src)}, device=device)["copy"]["median_s"]
-    return 2 * src.numel() / t, "measured device-to-device copy (no properties)"
+    return 2 * src.numel() / t, "measured device-to-device copy (neither properties nor NVML said)"
 
 
 def copy_floor(nbytes, device):

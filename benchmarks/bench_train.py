@@ -58,8 +58,9 @@ def batches(n_batches, batch, device):
 def trainer(arch, mask, pool, device):
     """A callable doing one training step (the next batch of the pool) on its own model copy."""
     from fastmask import models
-    net = models.build(arch, seed=0).net
-    model = nn.Sequential(mask, net).to(device).train()
+    model = models.build(arch, seed=0)  # same initial weights for every variant
+    model.mask = mask
+    model = model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     state = {"i": 0}
 

@@ -206,7 +206,43 @@ class Report:
             with open(self.args.json, "w") as f:
                 json.dump(d, f, indent=1)
             print(f"wrote {self.args.json}")
+        if self.args.markdown:
+            with open(self.args.markdown, "w") as f:
+                f.write(to_markdown(d))
+            print(f"wrote {self.args.markdown}")
         return d
+
+
+def to_markdown(d):
+    """The run as Markdown: command, machine, versions, one table per benchmark, targets."""
+    m, v = d["machine"], d["versions"]
+    out = [f"Command: `{d['command']}`  ", f"Date (UTC): {d['date']}  ",
+           f"Machine: {m['cpu']}, {m['cores']} cores, torch threads {m['threads']}, GPU {m['gpu']}, "
+           f"load average at the end {m.get('load_avg_1_5_15')}  ",
+           "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()), ""]
+    for note in d["notes"]:
+        out.append(f"- note: {note}")
+    for bench in dict.fromkeys(r["bench"] for r in d["results"]):
+        out += ["", f"### {bench}", "", "| case | impl | median | min .. max | vs baseline | metrics |",
+                "|---|---|---|---|---|---|"]
+        for r in (r for r in d["results"] if r["bench"] == bench):
+            base = r["timings"].get(r["baseline"]) if r["baseline"] else None
+            for impl in dict.fromkeys(list(r["timings"]) + list(r["metrics"])):
+                t = r["timings"].get(impl)
+                med = _fmt_s(t["median_s"]).strip() if t else ""
+                rng = f"{_fmt_s(t['min_s']).strip()} .. {_fmt_s(t['max_s']).strip()}" if t else ""
+                ratio = f"x{base['median_s'] / t['median_s']:.2f}" if base and t and impl != r["baseline"] else ""
+                met = ", ".join(f"{k} {_fmt(x)}" for k, x in r["metrics"].get(impl, {}).items()
+                                if not k.startswith("frac_differ"))
+                out.append(f"| {r['case']} | {impl} | {med} | {rng} | {ratio} | {met} |")
+    out += ["", "### targets", "", "| case | target | value | met |", "|---|---|---|---|"]
+    for r in d["results"]:
+        for c in r["checks"]:
+            out.append(f"| {r['case']} | {c['what']} {c['target']} | {_fmt(c['value'])} | "
+                       f"{_mark(c['met']).strip()} |")
+    s = d["checks_summary"]
+    out += ["", f"{s['met']} met, {s['missed']} missed, {s['not_measured']} not measured.", ""]
+    return "\n".join(out)
 
 
 def _mark(met):
@@ -234,6 +270,7 @@ def parser(prog="python -m benchmarks", only_default=BENCHES):
                                 "the eager PyTorch code and the libraries users would pick instead")
     p.add_argument("--quick", action="store_true", help="small sizes, few repeats (a smoke pass)")
     p.add_argument("--json", metavar="PATH", help="write every result to this JSON file")
+    p.add_argument("--markdown", metavar="PATH", help="also write the tables as Markdown")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--only", default=",".join(only_default),
                    help=f"comma-separated subset of {','.join(BENCHES)}")

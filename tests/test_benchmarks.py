@@ -1,0 +1,120 @@
+"""The benchmark harness on tiny sizes: JSON schema, interleaving, and that the
+correctness checks the benchmarks run before timing do catch wrong results.
+No timing assertions: speed targets are ratios reported by `python -m benchmarks`."""
+import json
+import os
+import sys
+import types
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import bench_attacks, bench_ops, harness  # noqa: E402
+
+
+def test_compare_interleaves_and_reports_stats():
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    t = harness.compare(fns, repeats=4, warmup=1, target_s=1e-9)
+    assert set(t) == {"a", "b"}
+    for s in t.values():
+        assert s["min_s"] <= s["median_s"] <= s["max_s"] and s["repeats"] == 4 and s["inner"] >= 1
+    timed = calls[4:]  # after 1 warm-up + 1 calibration call each
+    assert timed == ["a", "b", "b", "a", "a", "b", "b", "a"]  # rotated order, never all-A-then-all-B
+
+
+def test_compare_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="repeats=0"):
+        harness.compare({"a": lambda: None}, repeats=0)
+
+
+def test_check_directions():
+    assert harness.check("x", 3.5, 3.0)["met"] is True
+    assert harness.check("x", 2.5, 3.0)["met"] is False
+    assert harness.check("x", 0.01, 0.02, higher_is_better=False)["met"] is True
+    assert harness.check("x", None, 1.0)["met"] is None
+
+
+def test_parse_args_rejects_unknown_bench():
+    with pytest.raises(SystemExit, match="nope"):
+        harness.parse_args(["--only", "ops,nope"])
+
+
+def test_tiny_run_json_schema(tmp_path):
+    out = tmp_path / "bench.json"
+    threads = torch.get_num_threads()
+    try:
+        d = harness.run(["--tiny", "--threads", "1", "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    on_disk = json.loads(out.read_text())
+    assert on_disk["schema"] == harness.SCHEMA == d["schema"]
+    for key in ("command", "date", "machine", "versions", "results", "checks_summary", "notes", "elapsed_s"):
+        assert key in on_disk, key
+    assert on_disk["machine"]["threads"] == 1 and on_disk["machine"]["cores"] >= 1
+    assert on_disk["versions"]["torch"] == torch.__version__
+    assert isinstance(on_disk["versions"]["fastmask_extension"], bool)
+    assert sorted(on_disk["elapsed_s"]) == sorted(harness.BENCHES)
+    benches = {r["bench"] for r in on_disk["results"]}
+    assert benches == set(harness.BENCHES)
+    for r in on_disk["results"]:
+        assert r["case"] and isinstance(r["checks"], list)
+        for t in r["timings"].values():
+            assert 0 < t["min_s"] <= t["median_s"] <= t["max_s"]
+        for c in r["checks"]:
+            assert set(c) == {"what", "value", "target", "met"} and c["met"] in (True, False, None)
+    ops_results = [r for r in on_disk["results"] if r["bench"] == "ops"]
+    assert {r["params"]["op"] for r in ops_results} == {"mask_apply", "fgsm", "pgd_step_", "random_start",
+                                                        "grad_clip_noise_"}
+    assert all(r["params"]["verified"] for r in ops_results)  # correctness ran before timing
+    for r in ops_results:
+        assert {"fastmask", "eager", "copy_floor"} <= set(r["timings"])
+    attack = [r for r in on_disk["results"] if r["bench"] == "attacks"]
+    assert {r["params"]["attack"].split("-")[0] for r in attack} == {"fgsm", "pgd"}
+    for r in attack:
+        assert "eager" in r["params"]["verified_against_fastmask"]
+    train = [r for r in on_disk["results"] if r["bench"] == "train"]
+    assert train and all("no mask" in r["timings"] for r in train)
+    memory = [r for r in on_disk["results"] if r["bench"] == "memory"]
+    assert memory and all(m["peak_MiB"] > 0 for r in memory for m in r["metrics"].values())
+    s = on_disk["checks_summary"]
+    n_checks = sum(len(r["checks"]) for r in on_disk["results"])
+    assert s["met"] + s["missed"] + s["not_measured"] == n_checks > 0
+
+
+def test_ops_verify_catches_a_wrong_op():
+    from fastmask import ops
+    x = torch.rand(4, 1, 8, 8)
+    g = torch.randn(4, 1, 8, 8)
+    x_nat = torch.rand(4, 1, 8, 8)
+    assert len(bench_ops.verify(ops, x, g, x_nat)) == 4
+    broken = types.SimpleNamespace(**{k: getattr(ops, k) for k in
+                                      ("fgsm", "pgd_step_", "mask_apply", "random_start")})
+    broken.fgsm = lambda x, g, eps, lo, hi: ops.fgsm(x, g, eps * 0.5, lo, hi)
+    with pytest.raises(AssertionError, match="fgsm"):
+        bench_ops.verify(broken, x, g, x_nat)
+    broken = types.SimpleNamespace(**{k: getattr(ops, k) for k in
+                                      ("fgsm", "pgd_step_", "mask_apply", "random_start")})
+    broken.pgd_step_ = lambda xa, xn, g, a, e, lo, hi, norm: ops.pgd_step_(xa, xn, -g, a, e, lo, hi, norm)
+    with pytest.raises(AssertionError, match="pgd_step_"):
+        bench_ops.verify(broken, x, g, x_nat)
+
+
+def test_attack_verify_catches_a_wrong_attack():
+    x = torch.rand(8, 1, 28, 28)
+    ref = (x + 0.3 * torch.randn_like(x).sign()).clamp(0, 1)
+    assert bench_attacks.verify("same", ref.clone(), ref, x, "fgsm")["frac_differ"] == 0
+    wrong = (x + 0.3 * torch.randn_like(x).sign()).clamp(0, 1)
+    with pytest.raises(AssertionError, match="differs from fastmask"):
+        bench_attacks.verify("wrong", wrong, ref, x, "fgsm")
+    outside = (x + 0.5).clamp(0, 1)
+    with pytest.raises(AssertionError, match="eps-ball"):
+        bench_attacks.verify("outside", outside, ref, x, "pgd")
+    one_sample = ref.clone()
+    one_sample[0] = wrong[0]  # 1 of 8 samples diverged: too many for a library, any is too many for eager
+    with pytest.raises(AssertionError, match="differs from fastmask"):
+        bench_attacks.verify("torchattacks", one_sample, ref, x, "pgd")
+    with pytest.raises(AssertionError, match="differs from fastmask"):
+        bench_attacks.verify("eager", one_sample, ref, x, "pgd")
