@@ -131,6 +131,9 @@ PYBIND11_MODULE(_C, m) {
 #else
     d["cuda"] = false;
 #endif
+    // philox / mask_generate reach CUDA through this table (filled by csrc/cuda).
+    d["cuda_launchers"] = fastmask::cuda_launchers().philox != nullptr &&
+                          fastmask::cuda_launchers().mask_generate != nullptr;
     d["torch"] = FASTMASK_TORCH_VERSION;
     d["cxx_standard"] = (long)__cplusplus;
     d["compiler"] = __VERSION__;
