@@ -5,8 +5,9 @@
 // draws whole Philox blocks (one block per 4 elements when H*W % 4 == 0) and keeps
 // the last block it drew. Block mode reads the rectangle of each mask unit from a
 // small table computed first (block_rect, one thread per unit).
-// blur: 32x32 output tiles per thread block with the (32+2)^2 input tile in shared
-// memory; the backward (adjoint) stages g (kept) or g / cnt (masked) the same way.
+// blur: 32x32 output tiles per thread block with the zero-padded (32+2)^2 input tile
+// in shared memory; the backward (adjoint) stages the spread g / cnt (masked) or 0 the
+// same way. Both sum with box_sum3x3 from mask.h, like the CPU kernels.
 #include "cuda_common.cuh"
 
 namespace fastmask {
@@ -159,8 +160,26 @@ __device__ __forceinline__ int64_t tile_count(const MaskParams& p) {
   return p.N * p.C * ((p.H + kTile - 1) / kTile) * ((p.W + kTile - 1) / kTile);
 }
 
-// Masked elements get the mean of their 3x3 neighbourhood, summed in opmath in the
-// order of blur_at (mask.h): dh outer, dw inner, out-of-bounds neighbours skipped.
+// Keep decisions of the (up to) kColsPerThread columns w0.. of row h of a plane with
+// mask unit `unit`: consecutive mask indices, so at most two Philox blocks.
+__device__ __forceinline__ void row_keep(const MaskParams& p, int64_t unit, int64_t h,
+                                         int64_t w0, bool (&keep)[kColsPerThread]) {
+  const uint64_t m0 = (uint64_t)(unit * p.H * p.W + h * p.W + w0);
+  uint64_t cached = ~0ull;
+  Philox4 blk = {{0, 0, 0, 0}};
+#pragma unroll
+  for (int j = 0; j < kColsPerThread; ++j) {
+    const uint64_t m = m0 + j;
+    if ((m >> 2) != cached) {
+      cached = m >> 2;
+      blk = philox_block(p.seed, p.offset, cached);
+    }
+    keep[j] = philox_keep(lane_of(blk, (int)(m & 3)), p.threshold);
+  }
+}
+
+// Masked elements get the mean of their 3x3 neighbourhood: box_sum3x3 over the
+// zero-padded tile (mask.h; the same bits as skipping out-of-bounds terms) / cnt.
 template <typename scalar_t>
 __global__ void blur_forward_kernel(const scalar_t* x, scalar_t* y, MaskParams p) {
   using T = at::opmath_type<scalar_t>;
@@ -177,84 +196,60 @@ __global__ void blur_forward_kernel(const scalar_t* x, scalar_t* y, MaskParams p
       xs[r][c] = (hh >= 0 && hh < H && ww >= 0 && ww < W) ? (T)xp[hh * W + ww] : (T)0;
     }
     __syncthreads();
-    const int64_t h = ti.h0 + ty;
-    if (h >= H) continue;
-    const uint64_t mbase = (uint64_t)(plane_unit(ti.plane, p) * HW + h * W);
-    uint64_t cached = ~0ull;
-    Philox4 blk = {{0, 0, 0, 0}};
+    const int64_t h = ti.h0 + ty, wt = ti.w0 + tx * kColsPerThread;
+    if (h >= H || wt >= W) continue;
+    bool keep[kColsPerThread];
+    row_keep(p, plane_unit(ti.plane, p), h, wt, keep);
 #pragma unroll
     for (int j = 0; j < kColsPerThread; ++j) {
       const int col = tx * kColsPerThread + j;
-      const int64_t w = ti.w0 + col;
+      const int64_t w = wt + j;
       if (w >= W) break;
-      const uint64_t m = mbase + (uint64_t)w;
-      if ((m >> 2) != cached) {
-        cached = m >> 2;
-        blk = philox_block(p.seed, p.offset, cached);
-      }
-      T out;
-      if (philox_keep(lane_of(blk, (int)(m & 3)), p.threshold)) {
-        out = xs[ty + 1][col + 1];
-      } else {
-        T s = (T)0;
-        for (int dh = -1; dh <= 1; ++dh) {
-          if (h + dh < 0 || h + dh >= H) continue;
-          for (int dw = -1; dw <= 1; ++dw) {
-            if (w + dw < 0 || w + dw >= W) continue;
-            s = s + xs[ty + 1 + dh][col + 1 + dw];
-          }
-        }
-        out = s / (T)blur_count(H, W, h, w);
-      }
+      const T out = keep[j] ? xs[ty + 1][col + 1]
+                            : box_sum3x3<T>(&xs[ty + 1][col + 1], kHalo + 1) /
+                                  (T)blur_count(H, W, h, w);
       y[ti.plane * HW + h * W + w] = (scalar_t)out;
     }
   }
 }
 
-// gx[q] = keep_q g_q + sum over masked neighbours p of g_p / cnt_p, in the order of
-// blur_adjoint_at (mask.h). Staged per element: gs = g (kept) or g / cnt (masked).
+// Exact adjoint (docs/ops.md): gx[q] = (g_q if kept, else 0) + box_sum3x3 of the
+// zero-padded spread tile, spread[p] = blur_spread(g_p, cnt_p, kept_p) (mask.h).
 template <typename scalar_t>
 __global__ void blur_backward_kernel(const scalar_t* g, scalar_t* gx, MaskParams p) {
   using T = at::opmath_type<scalar_t>;
-  __shared__ T gs[kHalo][kHalo + 1];
-  __shared__ bool ks[kHalo][kHalo + 1];
+  __shared__ T ss[kHalo][kHalo + 1];
   const int tx = threadIdx.x % kTx, ty = threadIdx.x / kTx;
   const int64_t H = p.H, W = p.W, HW = H * W, ntiles = tile_count(p);
   for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
     const TileIndex ti = tile_of(tile, p);
     const scalar_t* gp = g + ti.plane * HW;
-    const uint64_t ubase = (uint64_t)(plane_unit(ti.plane, p) * HW);
+    const int64_t unit = plane_unit(ti.plane, p);
     __syncthreads();
     for (int idx = threadIdx.x; idx < kHalo * kHalo; idx += blockDim.x) {
       const int r = idx / kHalo, c = idx % kHalo;
       const int64_t hh = ti.h0 - 1 + r, ww = ti.w0 - 1 + c;
-      bool kept = true;
       T v = (T)0;
       if (hh >= 0 && hh < H && ww >= 0 && ww < W) {
-        kept = keep_index(p.seed, p.offset, ubase + (uint64_t)(hh * W + ww), p.threshold);
-        v = (T)gp[hh * W + ww];
-        if (!kept) v = v / (T)blur_count(H, W, hh, ww);
+        const bool kept = keep_index(p.seed, p.offset, (uint64_t)(unit * HW + hh * W + ww),
+                                     p.threshold);
+        v = blur_spread<T>((T)gp[hh * W + ww], blur_count(H, W, hh, ww), kept);
       }
-      gs[r][c] = v;
-      ks[r][c] = kept;
+      ss[r][c] = v;
     }
     __syncthreads();
-    const int64_t h = ti.h0 + ty;
-    if (h >= H) continue;
+    const int64_t h = ti.h0 + ty, wt = ti.w0 + tx * kColsPerThread;
+    if (h >= H || wt >= W) continue;
+    bool keep[kColsPerThread];
+    row_keep(p, unit, h, wt, keep);
 #pragma unroll
     for (int j = 0; j < kColsPerThread; ++j) {
       const int col = tx * kColsPerThread + j;
-      const int64_t w = ti.w0 + col;
+      const int64_t w = wt + j;
       if (w >= W) break;
-      T s = ks[ty + 1][col + 1] ? gs[ty + 1][col + 1] : (T)0;
-      for (int dh = -1; dh <= 1; ++dh) {
-        if (h + dh < 0 || h + dh >= H) continue;
-        for (int dw = -1; dw <= 1; ++dw) {
-          if (w + dw < 0 || w + dw >= W) continue;
-          if (!ks[ty + 1 + dh][col + 1 + dw]) s = s + gs[ty + 1 + dh][col + 1 + dw];
-        }
-      }
-      gx[ti.plane * HW + h * W + w] = (scalar_t)s;
+      const T own = keep[j] ? (T)gp[h * W + w] : (T)0;
+      gx[ti.plane * HW + h * W + w] =
+          (scalar_t)(own + box_sum3x3<T>(&ss[ty + 1][col + 1], kHalo + 1));
     }
   }
 }
