@@ -163,7 +163,7 @@ def fgsm(model, x, y, eps, *, targeted=False, lo=0.0, hi=1.0, masks="model", bat
 
 def _pgd_run(model, x_nat, y, eps, alpha, steps, rand, seed, offset, norm, targeted, lo, hi, samples):
     if rand:
-        x_adv = ops.random_start(x_nat, eps, seed, offset, norm, lo, hi)
+        x_adv = ops.random_start(x_nat, eps, seed=seed, offset=offset, norm=norm, lo=lo, hi=hi)
     else:
         x_adv = x_nat.clone()
     for _ in range(steps):
