@@ -35,6 +35,27 @@ static void for_each_piece(const MaskParams& p, int64_t begin, int64_t end, cons
   }
 }
 
+// Block mode over the piece [j, j + len) of one plane, row by row: masked columns of
+// row h are [mb, me) (empty outside the rectangle's rows), so each row is three plain
+// loops: keep(w) for w < mb, masked(w) for mb <= w < me, keep(w) after.
+template <typename KeepFn, typename MaskFn>
+static void block_piece(const BlockRect& r, int64_t W, int64_t j, int64_t len,
+                        const KeepFn& keep, const MaskFn& masked) {
+  for (int64_t k = j; k < j + len;) {
+    const int64_t h = k / W, wb = k % W, we = std::min(W, wb + (j + len - k));
+    int64_t mb = we, me = we;
+    if (h >= r.top && h < r.top + r.h) {
+      mb = std::clamp(r.left, wb, we);
+      me = std::clamp(r.left + r.w, wb, we);
+    }
+    int64_t w = wb;
+    for (; w < mb; ++w) keep(h * W + w);
+    for (; w < me; ++w) masked(h * W + w);
+    for (; w < we; ++w) keep(h * W + w);
+    k += we - wb;
+  }
+}
+
 void mask_generate_fill(const at::Tensor& out, const MaskParams& p) {
   bool* o = out.data_ptr<bool>();
   const int64_t HW = p.H * p.W, total = out.numel();
@@ -48,8 +69,9 @@ void mask_generate_fill(const at::Tensor& out, const MaskParams& p) {
       bool* op = o + plane * HW + j;
       if (p.spec.mode == MaskMode::Block) {
         BlockRect r = block_rect(p.seed, p.offset, unit, p.area, p.H, p.W);
-        for (int64_t t = 0; t < len; ++t)
-          op[t] = !block_masked(r, (j + t) / p.W, (j + t) % p.W);
+        bool* pp = o + plane * HW;
+        block_piece(r, p.W, j, len, [&](int64_t k) { pp[k] = true; },
+                    [&](int64_t k) { pp[k] = false; });
       } else {
         philox_words(p.seed, p.offset, (uint64_t)(unit * HW + j), len, words);
         for (int64_t t = 0; t < len; ++t) op[t] = philox_keep(words[t], p.threshold);
@@ -72,16 +94,20 @@ static void mask_apply_kernel(const scalar_t* x, scalar_t* y, const MaskParams& 
       scalar_t* yp = y + plane * HW;
       if (p.spec.mode == MaskMode::Block) {
         BlockRect r = block_rect(p.seed, p.offset, unit, p.area, p.H, p.W);
-        for (int64_t t = 0; t < len; ++t) {
-          int64_t k = j + t;
-          yp[k] = block_masked(r, k / p.W, k % p.W) ? fill_s : xp[k];
-        }
+        block_piece(r, p.W, j, len, [&](int64_t k) { yp[k] = xp[k]; },
+                    [&](int64_t k) { yp[k] = fill_s; });
         return;
       }
       philox_words(p.seed, p.offset, (uint64_t)(unit * HW + j), len, words);
       if (p.spec.mode == MaskMode::Pixel) {
-        for (int64_t t = 0; t < len; ++t)
-          yp[j + t] = philox_keep(words[t], p.threshold) ? xp[j + t] : fill_s;
+        const scalar_t* xj = xp + j;
+        scalar_t* yj = yp + j;
+        const scalar_t f = fill_s;
+        const uint32_t thr = p.threshold;
+        for (int64_t t = 0; t < len; ++t) {
+          const scalar_t xv = xj[t];  // unconditional load: the select vectorizes
+          yj[t] = philox_keep(words[t], thr) ? xv : f;
+        }
       } else {
         for (int64_t t = 0; t < len; ++t) {
           int64_t k = j + t;

@@ -8,21 +8,25 @@
 
 namespace fastmask {
 
-// sign(g) = (g > 0) - (g < 0): sign(0) = sign(NaN) = 0.
+// sign(g) = (g > 0) - (g < 0): sign(0) = sign(NaN) = 0. Written as selects (no
+// branches) so that loops over it vectorize.
 template <typename T>
 FASTMASK_HD T fm_sign(T g) {
-  return (T)((int)(g > (T)0) - (int)(g < (T)0));
+  return (g > (T)0 ? (T)1 : (T)0) - (g < (T)0 ? (T)1 : (T)0);
 }
 
-// NaN-propagating min/max/clamp (like torch.minimum / torch.maximum / torch.clamp).
+// NaN-propagating min/max/clamp (like torch.minimum / torch.maximum / torch.clamp):
+// NaN if either operand is NaN (which NaN is unspecified).
 template <typename T>
 FASTMASK_HD T fm_min(T a, T b) {
-  return (a != a) ? a : ((b != b) ? b : (b < a ? b : a));
+  T m = b < a ? b : a;  // a if a is NaN
+  return b != b ? b : m;
 }
 
 template <typename T>
 FASTMASK_HD T fm_max(T a, T b) {
-  return (a != a) ? a : ((b != b) ? b : (b > a ? b : a));
+  T m = b > a ? b : a;  // a if a is NaN
+  return b != b ? b : m;
 }
 
 template <typename T>

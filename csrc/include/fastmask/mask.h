@@ -51,8 +51,9 @@ FASTMASK_HD BlockRect block_rect(uint64_t seed, uint64_t offset, uint64_t unit, 
   return r;
 }
 
+// (& rather than &&: no branches, so loops over it vectorize.)
 FASTMASK_HD bool block_masked(const BlockRect& r, int64_t h, int64_t w) {
-  return h >= r.top && h < r.top + r.h && w >= r.left && w < r.left + r.w;
+  return (h >= r.top) & (h < r.top + r.h) & (w >= r.left) & (w < r.left + r.w);
 }
 
 // Number of in-bounds pixels of the 3x3 neighbourhood of (h, w).
