@@ -66,15 +66,14 @@ void mask_generate_fill(const at::Tensor& out, const MaskParams& p) {
   at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
     uint32_t words[kWordChunk];
     for_each_piece(p, begin, end, [&](int64_t plane, int64_t unit, int64_t j, int64_t len) {
-      bool* op = o + plane * HW + j;
+      bool* op = o + plane * HW;
       if (p.spec.mode == MaskMode::Block) {
         BlockRect r = block_rect(p.seed, p.offset, unit, p.area, p.H, p.W);
-        bool* pp = o + plane * HW;
-        block_piece(r, p.W, j, len, [&](int64_t k) { pp[k] = true; },
-                    [&](int64_t k) { pp[k] = false; });
+        block_piece(r, p.W, j, len, [&](int64_t k) { op[k] = true; },
+                    [&](int64_t k) { op[k] = false; });
       } else {
         philox_words(p.seed, p.offset, (uint64_t)(unit * HW + j), len, words);
-        for (int64_t t = 0; t < len; ++t) op[t] = philox_keep(words[t], p.threshold);
+        for (int64_t t = 0; t < len; ++t) op[j + t] = philox_keep(words[t], p.threshold);
       }
     });
   });
