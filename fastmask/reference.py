@@ -205,7 +205,7 @@ def fgsm(x, grad, eps, lo=0.0, hi=1.0) -> torch.Tensor:
 
 def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
     """||t_n||_2 over all but dim 0, accumulated in float64: shape N x 1 x ... x 1."""
-    t64 = t.to(torch.float64).reshape(t.shape[0], -1)
+    t64 = t.to(torch.float64).reshape(t.shape[0], math.prod(t.shape[1:]))
     return t64.pow(2).sum(dim=1).sqrt().reshape((-1,) + (1,) * (t.dim() - 1))
 
 
