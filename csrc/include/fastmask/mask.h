@@ -82,28 +82,8 @@ FASTMASK_HD T blur_at(const scalar_t* plane, int64_t H, int64_t W, int64_t h, in
   return s / (T)cnt;
 }
 
-// Adjoint of blur-masking at q = (h, w): gx[q] = keep_q * g_q + t, where
-// t = sum over the masked neighbours p of g_p / cnt_p, summed from 0 in the same dh, dw
-// order as blur_at (what the reference's zero-padded box sum computes, bit for bit).
-// kept(hh, ww) -> bool.
-template <typename T, typename scalar_t, typename KeptFn>
-FASTMASK_HD T blur_adjoint_at(const scalar_t* gplane, const KeptFn& kept, int64_t H, int64_t W,
-                              int64_t h, int64_t w) {
-  T t = (T)0;
-  for (int dh = -1; dh <= 1; ++dh) {
-    int64_t hh = h + dh;
-    if (hh < 0 || hh >= H) continue;
-    for (int dw = -1; dw <= 1; ++dw) {
-      int64_t ww = w + dw;
-      if (ww < 0 || ww >= W) continue;
-      if (!kept(hh, ww)) t = t + (T)gplane[hh * W + ww] / (T)blur_count(H, W, hh, ww);
-    }
-  }
-  return (kept(h, w) ? (T)gplane[h * W + w] : (T)0) + t;
-}
-
-// Adjoint via a zero-padded "spread" plane (what the CPU kernel vectorizes; same bits
-// as blur_adjoint_at): spread[p] = g_p / cnt_p if p is masked, else +0; then
+// Adjoint of blur-masking (docs/ops.md) via a zero-padded "spread" plane:
+// spread[p] = g_p / cnt_p if p is masked, else +0; then
 // gx[q] = (g_q if kept, else 0) + box_sum3x3(&spread[q], row stride of the padded plane).
 template <typename T>
 FASTMASK_HD T blur_spread(T g, int cnt, bool kept) {
