@@ -1,9 +1,11 @@
 """Modules: random/fixed feature masking, a learned soft mask, gradient manipulation.
 
 FeatureMask draws its masks from the Philox stream (seed, offset) of fastmask.ops:
-- training, scope "sample": offset = a step counter (buffer `step`, saved in the
-  state_dict) that advances by one per call, so every call (and, within a call,
-  every sample) gets a fresh mask and a resumed run continues the same stream;
+- training, scope "sample": offset = a step counter (int64 buffer `step`, saved in
+  the state_dict, kept on the CPU) that advances by one per call, so every call (and,
+  within a call, every sample) gets a fresh mask and a resumed run continues the
+  same stream. The counter reaches the op as a tensor (ops.mask_apply accepts a 0-d
+  offset tensor), so torch.compile(fullgraph=True) traces one graph for all steps;
 - training, scope "fixed": the paper's fixed masking, one mask for every image and
   step: offset FIXED_OFFSET = 2^64 - 1, which the counter never reaches;
 - eval, eval_mask "off": no masking (y = x);
@@ -45,6 +47,14 @@ class FeatureMask(torch.nn.Module):
         self.fill, self.seed = float(fill), int(seed)
         self.eval_mask = ops._choice("eval_mask", eval_mask, ("off", "consistent"))
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+
+    def _apply(self, fn, *args, **kwargs):
+        # The counter stays on the CPU when the module moves (model.cuda()): reading
+        # it for the op then needs no device synchronisation.
+        step = self.step
+        out = super()._apply(fn, *args, **kwargs)
+        self._buffers["step"] = step
+        return out
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:

@@ -211,7 +211,7 @@ def mask_apply(x: Tensor, ratio: float, *, seed: int, offset: Union[int, Tensor]
     fill = _number("fill", fill)
     if isinstance(offset, Tensor):
         if offset.dim() != 0 or offset.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"offset tensor must be a 0-d int64 tensor, got shape "
+            raise ValueError(f"offset tensor must be a 0-d int64 or int32 tensor, got shape "
                              f"{tuple(offset.shape)} dtype {offset.dtype}")
         # a copy, so that changing the caller's counter later cannot change the backward
         return torch.ops.fastmask_py.mask_apply_at(x, ratio, seed, offset.detach().clone(),

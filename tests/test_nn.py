@@ -209,3 +209,10 @@ def test_grad_manipulator_bad_args():
         fnn.GradManipulator([], max_norm=-1.0)
     with pytest.raises(ValueError, match="smoothing"):
         fnn.GradManipulator([], smoothing=1.5)
+
+
+def test_feature_mask_counter_stays_on_cpu():
+    m = torch.nn.Sequential(fnn.FeatureMask(0.3), torch.nn.Linear(2, 2)).to(torch.float64)
+    m.to("meta")  # any device move: the counter stays a CPU int64 tensor
+    assert m[0].step.device.type == "cpu" and m[0].step.dtype == torch.int64
+    assert m[1].weight.device.type == "meta"
