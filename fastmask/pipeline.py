@@ -29,12 +29,12 @@ from .train import TrainConfig, train
 PRESETS = {
     # smoke: a few hundred images, one epoch; seconds. Checks the plumbing only.
     "smoke": dict(epochs=1, batch_size=50, subset={"train": 300, "val": 100, "test": 100},
-                  pgd_n=50, pgd_steps=5, train_acc_n=300, eps_list=(0.1, 0.2, 0.3)),
+                  pgd_n=50, pgd_steps=5, pgd_alpha=None, train_acc_n=300, eps_list=(0.1, 0.2, 0.3)),
     # default: full MNIST, sized to finish in <= 5 minutes on a 2-core CPU (MLP).
-    "default": dict(epochs=8, batch_size=128, subset=None, pgd_n=1000, pgd_steps=40, train_acc_n=10000,
+    "default": dict(epochs=8, batch_size=128, subset=None, pgd_n=1000, pgd_steps=40, pgd_alpha=0.01, train_acc_n=10000,
                     eps_list=(0.05, 0.1, 0.15, 0.2, 0.25, 0.3)),
     # full: more epochs, PGD on the whole test set.
-    "full": dict(epochs=20, batch_size=128, subset=None, pgd_n=None, pgd_steps=40, train_acc_n=None,
+    "full": dict(epochs=20, batch_size=128, subset=None, pgd_n=None, pgd_steps=40, pgd_alpha=0.01, train_acc_n=None,
                  eps_list=(0.05, 0.1, 0.15, 0.2, 0.25, 0.3)),
 }
 GRAD_MANIP = {"max_norm": 1.0, "noise_std": 0.001}  # clip by global norm + Gaussian noise
@@ -66,7 +66,7 @@ class ReproduceConfig:
     seed: int = 0
     data_dir: str = None
     download: bool = False
-    threads: int = None
+    threads: int = 1                # torch threads; None: torch's default (see cli.py)
     quiet: bool = False
     progress: bool = False          # tqdm bars (the CLI turns them on for a tty)
     rows: tuple = DEFAULT_ROWS
@@ -77,7 +77,7 @@ class ReproduceConfig:
     batch_size: int = None
     pgd_n: int = None               # None: the preset's (0 in a preset entry means the whole test set)
     pgd_steps: int = None
-    pgd_alpha: float = 0.01
+    pgd_alpha: float = None         # None: the preset's (a preset's None: 2.5 eps / steps)
     mask_mode: str = "pixel"
     adv_eps: float = 0.1            # fast_at row only
     n_val: int = None               # None: 10,000 (data.load's default)
@@ -95,7 +95,7 @@ class ReproduceConfig:
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads={self.threads!r} must be >= 1")
         p = PRESETS[self.preset]
-        for k in ("epochs", "batch_size", "pgd_n", "pgd_steps", "eps_list"):
+        for k in ("epochs", "batch_size", "pgd_n", "pgd_steps", "pgd_alpha", "eps_list"):
             if getattr(self, k) is None:
                 setattr(self, k, p[k])
         if not self.eps_list or any(not 0 < e <= 1 for e in self.eps_list):
@@ -250,8 +250,8 @@ def run_reproduce(cfg, log=print):
             "baseline_val_fgsm": {f"{e:g}": a for e, a in val_fgsm.items()},
             "fgsm": "whole test set, model in eval mode",
             "pgd": {"n": rows["baseline"]["pgd_n"], "subset": "the first pgd_n images of the test set",
-                    "steps": cfg.pgd_steps, "alpha": cfg.pgd_alpha, "random_start": True, "restarts": 1,
-                    "norm": "inf"},
+                    "steps": cfg.pgd_steps, "alpha": "2.5 * eps / steps" if cfg.pgd_alpha is None else cfg.pgd_alpha,
+                    "random_start": True, "restarts": 1, "norm": "inf"},
             "train_acc": f"clean accuracy of the final model on the first {n_tr} images of the training split",
             "test_mask": "masked rows are also evaluated with the consistent test mask M_test "
                          "(FeatureMask eval_mask='consistent'); the attack sees the same mask",

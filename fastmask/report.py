@@ -56,7 +56,7 @@ def table_markdown(results):
     lines = [f"# Table I (measured), {results['config']['model'].upper()} on {results['data']['dataset']}, "
              f"eps = {eps:g}", "",
              f"FGSM on the {results['data']['sizes']['test']} test images, PGD-{p['pgd']['steps']} "
-             f"(alpha {p['pgd']['alpha']:g}) on the first {n_pgd}. eps chosen on the validation set: "
+             f"(alpha {p['pgd']['alpha']}, random start) on the first {n_pgd}. eps chosen on the validation set: "
              f"{p['paper_eps_rule']}. M_test: the paper's consistent test mask. Paper: Table I of the paper "
              "(its eps is not stated).", "",
              "| model | ratio | pattern | train acc | test acc | acc. FGSM | acc. PGD | train time + "

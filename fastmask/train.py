@@ -111,7 +111,7 @@ def make_optimizer(model, cfg):
 def fgsm_example(model, x, y, eps, seed, step):
     """Fast-AT example: random start in the eps-ball, one step of 1.25 eps, projected (Wong et al. 2020)."""
     from . import ops
-    x0 = ops.random_start(x, eps, seed, step, "inf", 0.0, 1.0).requires_grad_(True)
+    x0 = ops.random_start(x, eps, seed=seed, offset=step, norm="inf", lo=0.0, hi=1.0).requires_grad_(True)
     loss = F.cross_entropy(model(x0), y)
     (g,) = torch.autograd.grad(loss, x0)  # input gradient only: no parameter .grad is touched
     return ops.pgd_step(x0.detach(), x, g, 1.25 * eps, eps, 0.0, 1.0, "inf")
