@@ -387,6 +387,7 @@ def test_grad_clip_noise_noncontiguous():
 X4 = torch.zeros(2, 1, 3, 3)
 V = torch.zeros(4)
 MA = ("pixel", "sample", "shared")
+CPU_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
 
 ERRORS = [
     (lambda: ops.mask_apply(X4, -0.1, 0, 0, *MA, 0.0), ValueError, "ratio must be in [0, 1], got -0.1"),
@@ -429,7 +430,14 @@ ERRORS = [
     (lambda: ops.grad_clip_noise_([V], None, 0.0, 0, 0, None, None, [V]), ValueError, "state must be empty"),
     (lambda: ops.grad_clip_noise_([V], None, 0.0, 0, 0, None, 0.5, [V[:2]]), ValueError, "state[0] must have the shape of grads[0]"),
     (lambda: ops.grad_clip_noise_([V, V.long()], None, 0.0, 0, 0, None, None, []), TypeError, "grads[1] must be a floating tensor"),
-    (lambda: ops.grad_clip_noise_([V, torch.zeros(2, device="meta")], None, 0.0, 0, 0, None, None, []), ValueError, "grads[1] must be on the device of grads[0]"),
+    # device mismatches reach the CPU kernel only when dispatched to it explicitly
+    # (a meta tensor otherwise sends the call to the fake kernel)
+    (lambda: ops.fgsm.default.redispatch(CPU_KEYS, V, V.to("meta"), 0.1, 0.0, 1.0), ValueError,
+     "grad must be on the device of x (cpu), got meta"),
+    (lambda: ops.pgd_step.default.redispatch(CPU_KEYS, V, V.to("meta"), V, 0.1, 0.1, 0.0, 1.0, "inf"),
+     ValueError, "x_nat must be on the device of x_adv"),
+    (lambda: ops.grad_clip_noise_.default.redispatch(CPU_KEYS, [V, V.to("meta")], None, 0.0, 0, 0, None, None, []),
+     ValueError, "grads[1] must be on the device of grads[0] (cpu), got meta"),
 ]
 
 
