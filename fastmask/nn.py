@@ -42,7 +42,7 @@ class FeatureMask(torch.nn.Module):
         # validate once here, with the op's own checks
         ops._mask_args(ratio, mode, scope, channels)
         ops._u64("seed", seed)
-        ops._number("fill", fill)
+        ops._fill(fill)
         self.ratio, self.mode, self.scope, self.channels = float(ratio), mode, scope, channels
         self.fill, self.seed = float(fill), int(seed)
         self.eval_mask = ops._choice("eval_mask", eval_mask, ("off", "consistent"))

@@ -74,6 +74,13 @@ def _number(name: str, value) -> float:
     return value
 
 
+def _fill(fill) -> float:
+    """Any real number, NaN and infinities included (a value to write, not a bound)."""
+    if isinstance(fill, bool) or not isinstance(fill, numbers.Real):
+        raise TypeError(f"fill must be a real number, got {fill!r} ({type(fill).__name__})")
+    return float(fill)
+
+
 def _u64(name: str, value) -> int:
     """An integer in [0, 2^64), returned as int64 two's complement (the C++ schema)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -208,7 +215,7 @@ def mask_apply(x: Tensor, ratio: float, *, seed: int, offset: Union[int, Tensor]
         raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
     ratio, mode, scope, channels = _mask_args(ratio, mode, scope, channels)
     seed = _u64("seed", seed)
-    fill = _number("fill", fill)
+    fill = _fill(fill)
     if isinstance(offset, Tensor):
         if offset.dim() != 0 or offset.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"offset tensor must be a 0-d int64 or int32 tensor, got shape "

@@ -189,6 +189,7 @@ def test_mask_extremes(backend):
         assert not ops.mask_generate(x.shape, 1.0, seed=0, mode=mode).any()
         same(ops.mask_apply(x, 0.0, seed=0, mode=mode, fill=5.0), x)
     same(ops.mask_apply(x, 1.0, seed=0, fill=-2.0), torch.full_like(x, -2.0))
+    same(ops.mask_apply(x, 1.0, seed=0, fill=float("nan")), torch.full_like(x, float("nan")))
 
 
 def test_mask_scopes(backend):
@@ -481,6 +482,7 @@ BAD = [
     (lambda: ops.mask_apply(X, 0.3, seed=0, channels="rgb"), ValueError, "channels"),
     (lambda: ops.mask_apply(X.long(), 0.3, seed=0), TypeError, "x"),
     (lambda: ops.mask_apply([1.0], 0.3, seed=0), TypeError, "x"),
+    (lambda: ops.mask_apply(X, 0.3, seed=0, fill="0"), TypeError, "fill"),
     (lambda: ops.mask_generate((2, 4, 4), 0.3, seed=0), ValueError, "shape"),
     (lambda: ops.mask_generate((2, 1, -4, 4), 0.3, seed=0), ValueError, "shape"),
     (lambda: ops.philox(0, 0, -1), ValueError, "n"),
