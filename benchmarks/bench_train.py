@@ -79,7 +79,8 @@ def bench(args, report):
     ratios = (0.3,) if args.tiny else RATIOS
     pool, source = batches(8, batch, dev)
     opts = harness.timing_opts(args)
-    opts.update(target_s=0.02 if args.tiny else (0.15 if args.quick else 0.5))
+    if not args.tiny:
+        opts.update(target_s=0.15 if args.quick else 0.5)
     for arch in ("mlp",) if args.tiny else ("mlp", "cnn"):
         variants = {"no mask": trainer(arch, nn.Identity(), pool, dev)}
         for r in ratios:

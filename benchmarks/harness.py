@@ -10,6 +10,7 @@ min and max over the samples. On CUDA a sample is timed with CUDA events.
 import argparse
 import datetime
 import importlib
+import importlib.metadata
 import json
 import math
 import os
@@ -100,10 +101,11 @@ def check(what, value, target, higher_is_better=True):
 
 # ----------------------------------------------------------------------------- facts
 
-def _version(module):
+def _version(dist):
+    """Installed version of a distribution, without importing it (ART's import takes seconds)."""
     try:
-        return getattr(importlib.import_module(module), "__version__", "unknown")
-    except Exception:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
         return None
 
 
@@ -132,9 +134,11 @@ def machine_info(device="cpu"):
 def versions():
     v = {"torch": torch.__version__, "fastmask": _version("fastmask"),
          "fastmask_extension": None, "torchattacks": _version("torchattacks"),
-         "art": _version("art"), "numpy": _version("numpy")}
+         "art": _version("adversarial-robustness-toolbox"), "numpy": _version("numpy")}
     try:
+        import fastmask
         from fastmask import ops
+        v["fastmask"] = v["fastmask"] or getattr(fastmask, "__version__", None)
         v["fastmask_extension"] = bool(ops.extension_loaded())
     except Exception as e:  # ops.py missing or broken: say so rather than guess
         v["fastmask_extension"] = f"unavailable: {type(e).__name__}: {e}"
