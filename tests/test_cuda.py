@@ -33,8 +33,10 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 MODES = ["pixel", "blur", "block"]
 SCOPES = ["sample", "fixed"]
 CHANNELS = ["shared", "separate"]
-# odd sizes (H*W % 4 != 0), one tile, several 32x32 tiles with ragged edges, 1x1
-SHAPES = [(3, 2, 5, 7), (4, 3, 28, 28), (2, 3, 70, 45), (5, 1, 1, 1), (2, 4, 33, 1)]
+# odd sizes (H*W % 4 != 0), H*W % 4 == 0 but % 8 != 0, one tile, several 32x32 tiles
+# (ragged, and H*W % 16 == 0), 1x1, a column
+SHAPES = [(3, 2, 5, 7), (3, 2, 6, 2), (4, 3, 28, 28), (2, 3, 70, 45), (2, 2, 64, 48),
+          (5, 1, 1, 1), (2, 4, 33, 1)]
 BIG_SEED = 2**64 - 12345  # >= 2^63: crosses the schema as a negative int64
 
 
@@ -299,16 +301,20 @@ def test_big_fgsm_and_pgd():
         same(xa[a:b], F.pgd_step(xs, xs, expand(pg, a, b), 0.01, 0.03, 0.0, 1.0, "inf"))
 
 
-def test_big_mask_apply():
+@pytest.mark.parametrize("shape,channels", [
+    ((500, 2, 2083, 1031), "shared"),  # H*W odd: groups straddle planes
+    ((2083, 1, 1031, 1000), "separate"),  # H*W % 8 == 0: whole Philox blocks per group
+])
+def test_big_mask_apply(shape, channels):
     x, px = big(1031, 1)
-    N, C, H, W = 500, 2, 2083, 1031  # channels "shared": mask index (n*H + h)*W + w
+    N, C, H, W = shape
     ratio, seed, offset, fill = 0.5, 77, 3, -1.0
-    y = F.mask_apply(x.view(N, C, H, W), ratio, seed, offset, "pixel", "sample", "shared", fill).view(-1)
+    y = F.mask_apply(x.view(N, C, H, W), ratio, seed, offset, "pixel", "sample", channels, fill).view(-1)
     thr = reference.keep_threshold(ratio)
     for a, b in slices():
         e = torch.arange(a, b)
         n, hw = e // (C * H * W), e % (H * W)
-        m = n * (H * W) + hw
+        m = n * (H * W) + hw if channels == "shared" else e  # mask index (docs/ops.md)
         words = reference.philox_blocks(seed, offset, m // 4).gather(1, (m % 4)[:, None])[:, 0]
         keep = (words >> 8) >= thr
         same(y[a:b], torch.where(keep, expand(px, a, b), torch.tensor(fill, dtype=torch.float16)))

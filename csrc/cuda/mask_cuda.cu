@@ -50,10 +50,12 @@ __global__ void block_rect_kernel(MaskParams p, int64_t units, BlockRect* rects)
     rects[u] = block_rect(p.seed, p.offset, (uint64_t)u, p.area, p.H, p.W);
 }
 
-// Keep decisions of the cnt (<= G) consecutive elements from linear index i0.
+// Keep decisions of the cnt (<= G) consecutive elements from linear index i0 (a
+// multiple of G). whole: H*W % G == 0, so a full group lies inside one plane.
 template <int G>
 __device__ __forceinline__ void group_keep(const MaskParams& p, const BlockRect* rects,
-                                           int64_t i0, int cnt, bool (&keep)[G]) {
+                                           int64_t i0, int cnt, bool whole, bool (&keep)[G]) {
+  static_assert(G % 4 == 0, "a group must cover whole Philox blocks");
   const int64_t HW = p.H * p.W;
   int64_t plane, j, n, c;
   divmod(i0, HW, plane, j);
@@ -77,7 +79,16 @@ __device__ __forceinline__ void group_keep(const MaskParams& p, const BlockRect*
       }
       keep[t] = !block_masked(r, h, w);
     }
-  } else {
+  } else if (whole && cnt == G) {
+    // Mask indices unit*HW + j .. + G-1 with j a multiple of G: G/4 whole Philox blocks.
+    const uint64_t b0 = (uint64_t)(unit * HW + j) >> 2;
+#pragma unroll
+    for (int b = 0; b < G / 4; ++b) {
+      const Philox4 w = philox_block(p.seed, p.offset, b0 + b);
+#pragma unroll
+      for (int l = 0; l < 4; ++l) keep[4 * b + l] = philox_keep(w.v[l], p.threshold);
+    }
+  } else {  // a group across planes, or the tail: draw blocks as the indices need them
     uint64_t cached = ~0ull;
     Philox4 blk = {{0, 0, 0, 0}};
 #pragma unroll
@@ -101,14 +112,14 @@ __device__ __forceinline__ void group_keep(const MaskParams& p, const BlockRect*
 // y = x where kept, fill elsewhere (pixel, block; the backward with fill 0).
 template <typename scalar_t>
 __global__ void mask_apply_kernel(const scalar_t* x, scalar_t* y, MaskParams p,
-                                  const BlockRect* rects, scalar_t fill, bool vec) {
+                                  const BlockRect* rects, scalar_t fill, bool vec, bool whole) {
   constexpr int G = group_size<scalar_t>();
   const int64_t total = p.N * p.C * p.H * p.W;
   for (int64_t i0 = first_group<G>(); i0 < total; i0 += group_stride<G>()) {
     const int cnt = group_count<G>(total, i0);
     bool keep[G];
     Group<scalar_t, G> v;
-    group_keep<G>(p, rects, i0, cnt, keep);
+    group_keep<G>(p, rects, i0, cnt, whole, keep);
     load_group<scalar_t, G>(x, i0, cnt, vec, v);
 #pragma unroll
     for (int t = 0; t < G; ++t) v.v[t] = keep[t] ? v.v[t] : fill;
@@ -118,13 +129,13 @@ __global__ void mask_apply_kernel(const scalar_t* x, scalar_t* y, MaskParams p,
 
 // out = keep (bool), 16 elements per thread (one 16-byte store).
 __global__ void mask_generate_kernel(bool* out, MaskParams p, const BlockRect* rects,
-                                     bool vec) {
+                                     bool vec, bool whole) {
   constexpr int G = 16;
   const int64_t total = p.N * p.C * p.H * p.W;
   for (int64_t i0 = first_group<G>(); i0 < total; i0 += group_stride<G>()) {
     const int cnt = group_count<G>(total, i0);
     Group<bool, G> keep;
-    group_keep<G>(p, rects, i0, cnt, keep.v);
+    group_keep<G>(p, rects, i0, cnt, whole, keep.v);
     store_group<bool, G>(out, i0, cnt, vec, keep);
   }
 }
@@ -283,7 +294,7 @@ void mask_generate_launch(const at::Tensor& out, const MaskParams& p) {
   }
   at::Tensor rects = block_rects(p, out.device());
   mask_generate_kernel<<<grid_for((total + 15) / 16), kThreads, 0, stream()>>>(
-      out.data_ptr<bool>(), p, rect_ptr(rects), aligned16(out.data_ptr()));
+      out.data_ptr<bool>(), p, rect_ptr(rects), aligned16(out.data_ptr()), (p.H * p.W) % 16 == 0);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -319,7 +330,7 @@ at::Tensor mask_forward_or_backward(const at::Tensor& x_in, const char* name, do
     const scalar_t fill_s = (scalar_t)(T)(backward ? 0.0 : fill);
     const bool vec = aligned16(xp) && aligned16(yp);
     mask_apply_kernel<scalar_t><<<grid_for((total + G - 1) / G), kThreads, 0, stream()>>>(
-        xp, yp, p, rect_ptr(rects), fill_s, vec);
+        xp, yp, p, rect_ptr(rects), fill_s, vec, (p.H * p.W) % G == 0);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return y;
