@@ -59,7 +59,7 @@ def table_markdown(results):
              f"(alpha {p['pgd']['alpha']}, random start) on the first {n_pgd}. eps chosen on the validation set: "
              f"{p['paper_eps_rule']}. M_test: the paper's consistent test mask. Paper: Table I of the paper "
              "(its eps is not stated).", "",
-             "| model | ratio | pattern | train acc | test acc | acc. FGSM | acc. PGD | train time + "
+             "| model | ratio | pattern | train acc | test acc | acc. FGSM | acc. PGD | train time + (CPU) "
              "| M_test: test | M_test: FGSM | M_test: PGD | paper train | paper test | paper FGSM | paper time + |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in table_rows(results):
@@ -244,5 +244,6 @@ def summary(results):
     figs = results.get("figures")
     lines += ["", f"wrote {out}/results.json, table.md, table.csv"
               + (f", {len(figs)} figures" if isinstance(figs, list) else f" (figures skipped: {figs})"),
-              f"total wall time {results['wall_time_s']:.0f} s"]
+              f"total wall time {results['wall_time_s']:.0f} s (process CPU time "
+              f"{results.get('cpu_time_s', float('nan')):.0f} s); time+ = training CPU time vs the baseline"]
     return "\n".join(lines)

@@ -119,7 +119,8 @@ def fgsm_example(model, x, y, eps, seed, step):
 
 def train(model, data, cfg, progress=False, log=None):
     """Train `model` on data.x_train with cfg (TrainConfig or dict). Returns a dict with the
-    per-epoch history (loss, train_acc on the masked batches, val metrics, time) and train_time."""
+    per-epoch history (loss, train_acc on the masked batches, val metrics, wall time, process CPU
+    time), train_time (wall) and train_cpu_time (CPU; robust to other load on a shared machine)."""
     if isinstance(cfg, dict):
         cfg = TrainConfig(**cfg)
     opt = make_optimizer(model, cfg)
@@ -129,13 +130,13 @@ def train(model, data, cfg, progress=False, log=None):
         manip = GradManipulator(list(model.parameters()), seed=cfg.seed + 2, **cfg.grad)
     gen = torch.Generator().manual_seed(cfg.seed)
     n, bs = len(data.y_train), cfg.batch_size
-    history, step, train_time = [], 0, 0.0
+    history, step, train_time, train_cpu = [], 0, 0.0, 0.0
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=cfg.epochs * ((n + bs - 1) // bs), leave=False, dynamic_ncols=True)
     for epoch in range(1, cfg.epochs + 1):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         model.train()
         perm = torch.randperm(n, generator=gen)
         loss_sum, correct = 0.0, 0
@@ -157,12 +158,13 @@ def train(model, data, cfg, progress=False, log=None):
             if bar is not None:
                 bar.update(1)
                 bar.set_description(f"epoch {epoch}/{cfg.epochs} loss {loss.item():.3f}")
-        dt = time.perf_counter() - t0
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
         train_time += dt
+        train_cpu += dc
         val = validate(model, data.x_val, data.y_val, cfg.eval_batch)
         row = {"epoch": epoch, "loss": loss_sum / n, "train_acc": correct / n,
                "val_loss": val["loss"], "val_acc": val["accuracy"], "val_precision": val["precision"],
-               "val_recall": val["recall"], "val_f1": val["f1"], "time": dt}
+               "val_recall": val["recall"], "val_f1": val["f1"], "time": dt, "cpu_time": dc}
         history.append(row)
         if log is not None:
             log(f"  epoch {epoch}: loss {row['loss']:.4f} train acc {row['train_acc']:.4f} "
@@ -170,4 +172,4 @@ def train(model, data, cfg, progress=False, log=None):
     if bar is not None:
         bar.close()
     model.eval()
-    return {"history": history, "train_time": train_time, "steps": step}
+    return {"history": history, "train_time": train_time, "train_cpu_time": train_cpu, "steps": step}

