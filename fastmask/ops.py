@@ -148,6 +148,15 @@ def _like(name: str, t, ref_name: str, ref: Tensor) -> Tensor:
     return t
 
 
+def _writable(name: str, t: Tensor) -> Tensor:
+    """An in-place output must not overlap itself (e.g. an expanded tensor): refuse it
+    before anything is written (a list op would otherwise be left half-updated)."""
+    if torch._debug_has_internal_overlap(t) == 1:
+        raise ValueError(f"{name} has internally overlapping memory (e.g. an expanded tensor, "
+                         f"stride {tuple(t.stride())}) and cannot be written in place; pass a .clone()")
+    return t
+
+
 def _mask_args(ratio, mode, scope, channels):
     return (_ratio(ratio), _choice("mode", mode, MODES), _choice("scope", scope, SCOPES),
             _choice("channels", channels, CHANNELS))
@@ -271,6 +280,7 @@ def pgd_step_(x_adv: Tensor, x_nat: Tensor, grad: Tensor, alpha: float, eps: flo
               lo: float = 0.0, hi: float = 1.0, norm: str = "inf") -> Tensor:
     """pgd_step written into x_adv in place; returns x_adv."""
     args = _pgd_args(x_adv, x_nat, grad, alpha, eps, lo, hi, norm)
+    _writable("x_adv", x_adv)
     if _use_ext:
         torch.ops.fastmask.pgd_step_(*args)
     else:
@@ -315,6 +325,7 @@ def grad_clip_noise_(grads: Sequence[Tensor], max_norm: Optional[float] = None,
     grads = list(grads)
     for i, g in enumerate(grads):
         _float_tensor(f"grads[{i}]", g)
+        _writable(f"grads[{i}]", g)
         if g.device != grads[0].device:
             raise ValueError(f"grads[{i}] must be on the device of grads[0] ({grads[0].device}), "
                              f"got {g.device}")
@@ -340,6 +351,7 @@ def grad_clip_noise_(grads: Sequence[Tensor], max_norm: Optional[float] = None,
                              f"smoothing is set, got {len(state)}")
         for i, (s, g) in enumerate(zip(state, grads)):
             _like(f"state[{i}]", s, f"grads[{i}]", g)
+            _writable(f"state[{i}]", s)
     elif state:
         raise ValueError(f"state must be empty when smoothing is None, got {len(state)} tensors")
     with torch.no_grad():

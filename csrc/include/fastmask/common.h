@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
 #include <optional>
@@ -85,6 +86,14 @@ inline void check_like(const at::Tensor& ref, const char* ref_name, const at::Te
                     " (", ref.device(), "), got ", t.device());
 }
 
+// An in-place output must not overlap itself (an expanded tensor): checked for every
+// tensor of a list before anything is written, so a refused call leaves all of them as they were.
+inline void check_writable(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(at::has_internal_overlap(t) != at::MemOverlap::Yes, name,
+                    " has internally overlapping memory (e.g. an expanded tensor, stride ",
+                    t.strides(), ") and cannot be written in place; pass a .clone()");
+}
+
 inline void check_4d(const at::Tensor& x, const char* name) {
   TORCH_CHECK_VALUE(x.dim() == 4, name, " must be 4-D (N, C, H, W), got shape ", x.sizes());
 }
@@ -149,10 +158,12 @@ inline void check_grad_clip_noise_args(at::TensorList grads, std::optional<doubl
   for (size_t i = 0; i < grads.size(); ++i) {
     std::string name = "grads[" + std::to_string(i) + "]";
     check_floating(grads[i], name.c_str());
+    check_writable(grads[i], name.c_str());
     if (i > 0) check_like(grads[0], "grads[0]", grads[i], name.c_str(), /*same_shape=*/false);
     if (!state.empty()) {
       std::string sname = "state[" + std::to_string(i) + "]";
       check_like(grads[i], name.c_str(), state[i], sname.c_str());
+      check_writable(state[i], sname.c_str());
     }
   }
 }
