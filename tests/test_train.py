@@ -149,9 +149,14 @@ def test_baseline_converges_on_real_mnist():
     except D.DataError as e:
         pytest.skip(f"no MNIST: {e}")
     p = PRESETS["default"]
-    model = M.build("mlp", seed=0)
-    train(model, d, TrainConfig(epochs=p["epochs"], batch_size=p["batch_size"], seed=0))
-    x = D.to_float(d.x_test)
-    assert validate(model, x, d.y_test)["accuracy"] >= 0.97
-    adv = fgsm(model, x, d.y_test, 0.3, batch_size=1000)
-    assert validate(model, adv, d.y_test)["accuracy"] < 0.5
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as `fastmask reproduce` runs by default
+    try:
+        model = M.build("mlp", seed=0)
+        train(model, d, TrainConfig(epochs=p["epochs"], batch_size=p["batch_size"], seed=0))
+        x = D.to_float(d.x_test)
+        assert validate(model, x, d.y_test)["accuracy"] >= 0.97
+        adv = fgsm(model, x, d.y_test, 0.3, batch_size=1000)
+        assert validate(model, adv, d.y_test)["accuracy"] < 0.5
+    finally:
+        torch.set_num_threads(threads)
