@@ -57,6 +57,47 @@ def positive_int(text):
     return v
 
 
+def _float(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if v != v or v in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} must be finite")
+    return v
+
+
+def positive_float(text):
+    v = _float(text)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return v
+
+
+def nonneg_float(text):
+    v = _float(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return v
+
+
+def nonneg_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return v
+
+
+def folder_arg(path):
+    """An output folder: absent (it is created) or a folder, never a file."""
+    if path.exists() and not path.is_dir():
+        raise CliError(f"fastmask: argument --out: {str(path)!r} is a file, not a folder")
+    return path
+
+
 def build_parser():
     from .pipeline import DEFAULT_ROWS, PRESETS, ROWS
     p = Parser(prog="fastmask", description="Feature masking and gradient manipulation against "
@@ -68,7 +109,7 @@ def build_parser():
         s.add_argument("--dataset", choices=("mnist", "fashion-mnist"), default="mnist")
         s.add_argument("--data-dir", help="folder with IDX files (or torchvision's MNIST/raw layout)")
         s.add_argument("--download", action="store_true", help="allow the online mirrors (checksummed)")
-        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--seed", type=nonneg_int, default=0)
         s.add_argument("--threads", type=positive_int, default=1, help=THREADS_HELP)
         s.add_argument("--quiet", action="store_true")
 
@@ -86,23 +127,23 @@ def build_parser():
     t.add_argument("--out", required=True, help="folder; the checkpoint is DIR/model.pt")
     t.add_argument("--epochs", type=positive_int, default=5)
     t.add_argument("--batch-size", type=positive_int, default=128)
-    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--lr", type=positive_float, default=1e-3)
     t.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     t.add_argument("--mask-ratio", type=ratio, default=0.0)
     t.add_argument("--mask-scope", choices=("sample", "fixed"), default="sample",
                    help="sample: a fresh random mask per image and step; fixed: one mask for all")
     t.add_argument("--mask-mode", choices=("pixel", "blur", "block"), default="pixel")
-    t.add_argument("--max-norm", type=float, help="clip gradients to this global norm")
-    t.add_argument("--noise-std", type=float, default=0.0, help="Gaussian noise added to the gradients")
+    t.add_argument("--max-norm", type=positive_float, help="clip gradients to this global norm")
+    t.add_argument("--noise-std", type=nonneg_float, default=0.0, help="Gaussian noise added to the gradients")
     t.add_argument("--adv-train", choices=("fgsm",), help="fast FGSM adversarial training")
-    t.add_argument("--adv-eps", type=float, default=0.1)
+    t.add_argument("--adv-eps", type=positive_float, default=0.1)
     t.add_argument("--train-subset", type=positive_int, help="use only the first N training images")
 
     a = sub.add_parser("attack", help="evaluate a checkpoint under FGSM and PGD")
     a.add_argument("--checkpoint", required=True)
     a.add_argument("--eps", type=eps_list, default=(0.05, 0.1, 0.15, 0.2, 0.25, 0.3))
     a.add_argument("--pgd-steps", type=positive_int, default=40)
-    a.add_argument("--pgd-alpha", type=float, default=0.01)
+    a.add_argument("--pgd-alpha", type=positive_float, default=0.01)
     a.add_argument("--n", type=positive_int, default=1000, help="first N test images (default 1000)")
     a.add_argument("--test-mask", action="store_true", help="use the consistent test mask M_test")
     a.add_argument("--data-dir")
@@ -113,6 +154,7 @@ def build_parser():
 
 def cmd_reproduce(args):
     from .pipeline import ReproduceConfig, run_reproduce
+    folder_arg(Path(args.out))
     kw = {f.name: getattr(args, f.name) for f in fields(ReproduceConfig)
           if f.name in vars(args) and getattr(args, f.name) is not None}
     if args.eps:
@@ -125,6 +167,7 @@ def cmd_reproduce(args):
 
 
 def cmd_train(args):
+    folder_arg(Path(args.out))
     import torch
     from . import data as D, models as M
     from .train import TrainConfig, train
@@ -185,11 +228,23 @@ def one_line(e):
     return "; ".join(l.strip() for l in str(e).splitlines() if l.strip()) or type(e).__name__
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so that the run stops as cleanly as on Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None):
-    """Entry point; returns the exit code. FASTMASK_DEBUG=1 re-raises errors with their traceback."""
+    """Entry point; returns the exit code. FASTMASK_DEBUG=1 re-raises errors with their traceback.
+    SIGINT/SIGTERM: one line on stderr, exit 130/143; every file written so far is whole
+    (atomic writes), and rerunning the same command resumes from the last checkpoint."""
     import os
+    import signal
     from .data import DataError
     from .models import CheckpointError
+    old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         args = build_parser().parse_args(argv)
         {"reproduce": cmd_reproduce, "train": cmd_train, "attack": cmd_attack}[args.command](args)
@@ -201,9 +256,13 @@ def main(argv=None):
             raise
         print(f"fastmask: error: {one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("fastmask: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"fastmask: {what}; files written so far are complete, rerun the same command to resume",
+              file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
     return 0
 
 

@@ -249,7 +249,9 @@ def content_hash(arrays):
 
 
 def atomic_write_bytes(path, data):
-    """Write bytes to path atomically: temp file in the same folder, fsync, rename."""
+    """Write bytes to path atomically: temp file in the same folder, fsync, rename, fsync the
+    folder. A reader (or a run killed at any moment) sees the old file or the new one, never a
+    part; only SIGKILL can leave the hidden temp file, which the next reproduce run removes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
@@ -260,6 +262,12 @@ def atomic_write_bytes(path, data):
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+        if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
+            dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -93,6 +93,8 @@ def save(path, model, config, data_hash, extra=None):
 def read_checkpoint(path):
     """The checkpoint dict, after checking it is one; CheckpointError naming the path otherwise."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:

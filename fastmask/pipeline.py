@@ -92,6 +92,8 @@ class ReproduceConfig:
         bad = [r for r in self.rows if r not in ROWS]
         if bad or "baseline" not in self.rows:
             raise ValueError(f"rows={list(self.rows)!r}: each must be one of {tuple(ROWS)} and 'baseline' is needed")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ValueError(f"out={self.out!r} is a file, not a folder")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads={self.threads!r} must be >= 1")
         p = PRESETS[self.preset]
@@ -195,6 +197,8 @@ def run_reproduce(cfg, log=print):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t_start, c_start = time.perf_counter(), time.process_time()
+    for stale in sorted(Path(cfg.out).glob(".*.tmp")) + sorted(Path(cfg.out).glob("checkpoints/.*.tmp")):
+        stale.unlink(missing_ok=True)  # half-written by a run that was killed (SIGKILL)
     data = D.load(cfg.dataset, cfg.data_dir, n_val=cfg.n_val, split_seed=cfg.seed, download=cfg.download)
     if PRESETS[cfg.preset]["subset"]:
         data = data.take(**PRESETS[cfg.preset]["subset"])
