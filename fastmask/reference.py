@@ -81,12 +81,79 @@ def keep_threshold(ratio: float) -> int:
     return math.ceil(float(ratio) * 16777216.0)
 
 
+# Gaussian: float32 Box-Muller from IEEE +, -, *, /, sqrt and exact bit operations in a
+# fixed order (csrc/include/fastmask/philox.h does the same, so the kernels agree bit for
+# bit). Constants are float32 values, written exactly in hex.
+_F = lambda h: float.fromhex(h)  # noqa: E731
+_LG1, _LG2, _LG3, _LG4 = _F("0x1.555554p-1"), _F("0x1.999c26p-2"), _F("0x1.23d3dcp-2"), _F("0x1.f13c4cp-3")
+_LN2_HI, _LN2_LO = _F("0x1.62e3p-1"), _F("0x1.2fefa2p-17")
+_S1, _S2, _S3 = _F("-0x1.9943f2p-13"), _F("0x1.11073cp-7"), _F("-0x1.555546p-3")
+_C1, _C2, _C3 = _F("0x1.99eb9cp-16"), _F("-0x1.6c0c34p-10"), _F("0x1.55554ap-5")
+_PI_2PM23 = _F("0x1.921fb6p+1") * 2.0 ** -23  # float32(pi) * 2^-23, exact
+
+
+def logf(x: torch.Tensor) -> torch.Tensor:
+    """ln(x) of a float32 tensor of positive normal numbers (fdlibm/musl logf, < 1 ulp).
+
+    x = 2^k (1 + f) with 1 + f in [sqrt(2)/2, sqrt(2)) by integer operations on the bits;
+    s = f / (2 + f); ln x = f - f^2/2 + s (f^2/2 + R) + k ln 2, R a polynomial in s^2.
+    """
+    ix = x.view(torch.int32) + (0x3F800000 - 0x3F3504F3)
+    k = ((ix >> 23) - 0x7F).to(torch.float32)
+    f = ((ix & 0x007FFFFF) + 0x3F3504F3).view(torch.float32) - 1.0
+    s = f / (f + 2.0)
+    z = s * s
+    w = z * z
+    t1 = w * (w * _LG4 + _LG2)
+    t2 = z * (w * _LG3 + _LG1)
+    R = t2 + t1
+    hfsq = (f * 0.5) * f
+    return ((((s * (hfsq + R)) + k * _LN2_LO) - hfsq) + f) + k * _LN2_HI
+
+
+def cos2pi_q24(j: torch.Tensor) -> torch.Tensor:
+    """cos(2 pi j 2^-24) in float32 for integers j in [0, 2^24) (< 2 ulp).
+
+    Quadrant q = j >> 22, r = j mod 2^22, r' = min(r, 2^22 - r): x = r' (pi/2) 2^-22 in
+    [0, pi/4], Cephes' sinf/cosf polynomials; cos, -sin, -cos, sin for q = 0..3, with
+    sin and cos swapped where r' != r.
+    """
+    q, r = j >> 22, j & 0x3FFFFF
+    swap = r > 0x200000
+    x = torch.where(swap, 0x400000 - r, r).to(torch.float32) * _PI_2PM23
+    z = x * x
+    sn = ((((z * _S1 + _S2) * z + _S3) * z) * x) + x
+    cs = (((((z * _C1 + _C2) * z + _C3) * z) * z) - z * 0.5) + 1.0
+    v = torch.where((q & 1).bool() != swap, sn, cs)
+    return torch.where((q == 1) | (q == 2), -v, v)
+
+
+def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 sqrt of x >= 0 (IEEE sqrtf, as the kernels use).
+
+    torch.sqrt on CPU goes through MKL VML, which may be off by an ulp; so take its
+    float64 result rounded to float32 as a candidate s and move it to the neighbour
+    whose rounding interval holds sqrt(x). The midpoints m between s and its
+    neighbours have 25 significant bits, so m * m is exact in float64 (no ties exist).
+    """
+    s = torch.sqrt(x.double()).float()
+    lo, hi = torch.nextafter(s, torch.zeros_like(s)), torch.nextafter(s, torch.full_like(s, math.inf))
+    x64, s64 = x.double(), s.double()
+    m_lo, m_hi = (s64 + lo.double()) * 0.5, (s64 + hi.double()) * 0.5
+    s = torch.where(x64 < m_lo * m_lo, lo, torch.where(x64 > m_hi * m_hi, hi, s))
+    return torch.where(x == 0, x, s)  # sqrt(-0) = -0
+
+
+def box_muller(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """float32 z = sqrt(-2 ln u1) cos(2 pi u2), u1 = ((a >> 8) + 1) 2^-24, u2 = (b >> 8) 2^-24."""
+    u1 = ((a >> 8) + 1).to(torch.float32) * _TWO_POW_M24  # (0, 1], exact
+    return sqrt_rn(logf(u1) * -2.0) * cos2pi_q24((b >> 8).to(torch.int32))
+
+
 def normal(seed: int, offset: int, n: int, device=None, start: int = 0) -> torch.Tensor:
-    """Gaussians start..start+n-1 (float64) by Box-Muller: element k uses words 2k, 2k+1."""
+    """Gaussians start..start+n-1 (float32 Box-Muller, returned as float64): element k uses words 2k, 2k+1."""
     w = philox(seed, offset, 2 * n, device, start=2 * start).reshape(n, 2)
-    u1 = ((w[:, 0] >> 8) + 1).to(torch.float64) * _TWO_POW_M24  # (0, 1]
-    u2 = (w[:, 1] >> 8).to(torch.float64) * _TWO_POW_M24  # [0, 1)
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+    return box_muller(w[:, 0], w[:, 1]).to(torch.float64)
 
 
 # ----------------------------------------------------------------------------- masks

@@ -382,6 +382,63 @@ def test_grad_clip_noise_noncontiguous():
     assert torch.equal(grads[0], expect[0]) and torch.equal(w.t(), expect[0])
 
 
+def test_gaussian_bit_for_bit_with_reference():
+    """float32 Box-Muller (docs/ops.md): the kernel's z equals the reference's bit for bit."""
+    n = 50001  # odd: the last element uses lanes 0, 1 of its block
+    for seed, offset, start in [(0, 0, 0), (2**64 - 1, 2**63 + 7, 3), (12345, 2**32 - 1, 1001)]:
+        grads = [torch.zeros(start), torch.zeros(n)]  # noise on zeros: g = float32(1.0 * z)
+        ops.grad_clip_noise_(grads, None, 1.0, i64(seed), i64(offset), None, None, [])
+        z = ref.normal(seed, offset, n, start=start).float()
+        assert torch.equal(grads[1].view(torch.int32), z.view(torch.int32))
+    x = torch.rand(10**6) * 60  # the reference's sqrt is IEEE's (numpy's) too
+    assert torch.equal(ref.sqrt_rn(x), torch.from_numpy(x.numpy() ** 0.5))
+    assert abs(grads[1].double().mean().item()) < 0.02 and abs(grads[1].double().std().item() - 1) < 0.02
+
+
+def test_gaussian_float32_math_accuracy():
+    """logf and cos2pi of the reference (= the kernels) against float64 math, over every
+    16th of the 2^24 inputs each (u1 in (0, 1], 2 pi u2 in [0, 2 pi)) plus the ends."""
+    k = torch.cat([torch.arange(1, 2**24 + 1, 16), torch.tensor([2, 3, 2**24 - 1, 2**24])])
+    got = ref.logf(k.to(torch.float32) * 2.0**-24).double()
+    want = torch.log(k.double() * 2.0**-24)
+    assert got[-1] == 0.0  # ln 1
+    assert ((got - want).abs() / want.abs())[:-1].max() <= 1e-7
+    j = torch.cat([torch.arange(0, 2**24, 16), torch.tensor([1, 2**21, 2**22 - 1, 2**22 + 1, 2**24 - 1])])
+    got = ref.cos2pi_q24(j.to(torch.int32)).double()
+    q, r = j >> 22, (j & (2**22 - 1)).double() * (math.pi / 2 / 2**22)  # exact quadrant split
+    want = torch.stack([r.cos(), -r.sin(), -r.cos(), r.sin()]).gather(0, q[None])[0]
+    zero = (j % 2**22) == 0
+    assert torch.equal(got[zero], want[zero].round())  # exact 0 and +-1 at quarter turns
+    assert ((got - want).abs() / want.abs())[~zero].max() <= 2e-7
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_philox_simd_paths_match_reference(isa):
+    """Every SIMD Philox path (FASTMASK_CPU_ISA caps the run-time choice) gives the words
+    of the scalar reference at unaligned starts and odd lengths, for every scope."""
+    import subprocess
+    import sys
+    code = f"""
+import torch, fastmask._C
+from fastmask import reference as ref
+ops = torch.ops.fastmask
+def i64(v): return v - (1 << 64) if v >= 1 << 63 else v
+for seed, offset, n in [(0, 0, 4099), (2**64 - 1, 2**63 + 5, 1000), (7, 2**32 - 1, 333)]:
+    assert torch.equal(ops.philox(i64(seed), i64(offset), n, None), ref.philox(seed, offset, n)), (seed, offset, n)
+x = torch.rand(5, 3, 37, 29)
+for scope in ("sample", "fixed"):
+    y = ops.mask_apply(x, 0.4, 3, i64(2**64 - 2), "pixel", scope, "separate", -1.0)
+    assert torch.equal(y, ref.mask_apply(x, 0.4, 3, 2**64 - 2, "pixel", scope, "separate", -1.0))
+g = [torch.zeros(100003)]
+ops.grad_clip_noise_(g, None, 1.0, 9, 2**40, None, None, [])
+assert torch.equal(g[0], ref.normal(9, 2**40, g[0].numel()).float())
+print("ok")
+"""
+    env = dict(os.environ, FASTMASK_CPU_ISA=isa)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
 # ----------------------------------------------------------------------------- errors
 
 X4 = torch.zeros(2, 1, 3, 3)

@@ -113,18 +113,18 @@ void pgd_step_(const at::Tensor& x_adv, const at::Tensor& x_nat, const at::Tenso
   }
 }
 
-// L2 random start: z_k Gaussian (float64) of element k, per sample
+// L2 random start: z_k Gaussian (float32 Box-Muller, used as float64) of element k, per sample
 // f_n = eps * u(word 2*numel + n)^(1/D) / max(||z_n||, 1e-12); y = clamp(x + z f_n).
 template <typename scalar_t>
 static void random_start_l2_kernel(const scalar_t* x, scalar_t* y, int64_t N, int64_t D,
                                    double eps, uint64_t seed, uint64_t offset, double lo,
                                    double hi) {
   using T = at::opmath_type<scalar_t>;
-  std::vector<double> z((size_t)(N * D));  // generated once, used by both passes
+  std::vector<float> z((size_t)(N * D));  // generated once, used by both passes
   std::vector<double> zn2 = row_sums(N, D, [&](int64_t r, int64_t b, int64_t e) {
-    double* zp = z.data() + r * D;
+    float* zp = z.data() + r * D;
     philox_normals(seed, offset, (uint64_t)(r * D + b), e - b, zp + b);
-    return lane_sum(b, e, [&](int64_t k) { return zp[k] * zp[k]; });
+    return lane_sum(b, e, [&](int64_t k) { double v = (double)zp[k]; return v * v; });
   });
   const uint64_t numel = (uint64_t)(N * D);
   std::vector<double> f(N);
@@ -132,7 +132,7 @@ static void random_start_l2_kernel(const scalar_t* x, scalar_t* y, int64_t N, in
     f[n] = random_start_l2_radius(seed, offset, numel, (uint64_t)n, (uint64_t)D, eps) /
            fm_max(std::sqrt(zn2[n]), 1e-12);
   const T l = (T)lo, h = (T)hi;
-  const double* zp = z.data();
+  const float* zp = z.data();
   at::parallel_for(0, N * D, kGrain, [&](int64_t b, int64_t end) {
     for (int64_t k = b; k < end;) {
       int64_t r = k / D, stop = std::min(end, (r + 1) * D);

@@ -43,40 +43,16 @@ constexpr int64_t kWordChunk = 1024;  // Philox words buffered per inner loop
 constexpr int64_t kSumChunk = 4096;   // fixed reduction chunk: results never depend
                                       // on the number of threads
 
-// out[j] = word (start + j) of the stream (seed, offset), 0 <= j < n.
-inline void philox_words(uint64_t seed, uint64_t offset, uint64_t start, int64_t n,
-                         uint32_t* out) {
-  int64_t j = 0;
-  if (n > 0 && (start & 3)) {
-    Philox4 b = philox_block(seed, offset, start >> 2);
-    for (; j < n && ((start + j) & 3); ++j) out[j] = b.v[(start + j) & 3];
-  }
-  uint64_t first = (start + j) >> 2;
-  int64_t full = (n - j) / 4;
-  for (int64_t t = 0; t < full; ++t) {
-    Philox4 b = philox_block(seed, offset, first + t);
-    out[j + 4 * t] = b.v[0];
-    out[j + 4 * t + 1] = b.v[1];
-    out[j + 4 * t + 2] = b.v[2];
-    out[j + 4 * t + 3] = b.v[3];
-  }
-  j += 4 * full;
-  if (j < n) {
-    Philox4 b = philox_block(seed, offset, (start + j) >> 2);
-    for (int l = 0; j < n; ++j, ++l) out[j] = b.v[l];
-  }
-}
+// out[j] = word (start + j) of the stream (seed, offset), 0 <= j < n; SIMD Philox
+// (AVX-512 / AVX2, picked at run time) in csrc/cpu/philox_cpu.cpp.
+void philox_words(uint64_t seed, uint64_t offset, uint64_t start, int64_t n, uint32_t* out);
 
-// out[j] = Gaussian element (start + j) of the stream (words 2k, 2k+1), 0 <= j < n.
-inline void philox_normals(uint64_t seed, uint64_t offset, uint64_t start, int64_t n,
-                           double* out) {
-  for (int64_t j = 0; j < n;) {
-    uint64_t k = start + j;
-    Philox4 b = philox_block(seed, offset, k >> 1);
-    if ((k & 1) == 0) out[j++] = box_muller(b.v[0], b.v[1]);
-    if (j < n) out[j++] = box_muller(b.v[2], b.v[3]);
-  }
-}
+// out[j] = Gaussian element (start + j) of the stream (words 2k, 2k+1; float32
+// Box-Muller, fastmask/philox.h), 0 <= j < n.
+void philox_normals(uint64_t seed, uint64_t offset, uint64_t start, int64_t n, float* out);
+
+// The instruction set philox_words uses: "avx512", "avx2" or "scalar".
+const char* philox_isa();
 
 // Sum of f(k) for k in [begin, end) in float64, in a fixed order (8 lanes, then a
 // fixed pairwise combination), so the compiler may vectorize without reassociating.

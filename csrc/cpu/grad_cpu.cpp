@@ -69,7 +69,8 @@ at::Tensor grad_clip_noise_(at::TensorList grads, std::optional<double> max_norm
   const uint64_t sd = as_u64(seed), off = as_u64(offset);
   if (do_scale || do_clip || do_noise || smooth) {
     at::parallel_for(0, nchunks, grain, [&](int64_t cb, int64_t ce) {
-      double z[kWordChunk];
+      float z[kWordChunk];
+      double noise[kWordChunk];
       for (int64_t c = cb; c < ce; ++c) {
         const Chunk ch = chunks[c];
         FASTMASK_DISPATCH_GRAD(g[ch.t].scalar_type(), [&] {
@@ -81,11 +82,11 @@ at::Tensor grad_clip_noise_(at::TensorList grads, std::optional<double> max_norm
             int64_t len = std::min(kWordChunk, ch.e - k);
             if (do_noise) {
               philox_normals(sd, off, (uint64_t)(base[ch.t] + k), len, z);
-              for (int64_t t = 0; t < len; ++t) z[t] *= noise_std;
+              for (int64_t t = 0; t < len; ++t) noise[t] = noise_std * (double)z[t];
             }
             for (int64_t t = 0; t < len; ++t) {
               T v = grad_clip_noise_elem<T>((T)p[k + t], sc, do_scale, cl, do_clip,
-                                            do_noise ? z[t] : 0.0, do_noise);
+                                            do_noise ? noise[t] : 0.0, do_noise);
               if (smooth) {
                 v = grad_smooth_elem<T>((T)sp[k + t], v, bt);
                 sp[k + t] = (scalar_t)v;

@@ -56,6 +56,23 @@ static void block_piece(const BlockRect& r, int64_t W, int64_t j, int64_t len,
   }
 }
 
+// Scope "fixed" (pixel, blur): the words of every mask unit (C*H*W at most), generated
+// once per call and shared by all N images. Empty otherwise.
+static std::vector<uint32_t> fixed_words(const MaskParams& p) {
+  if (p.spec.per_sample || p.spec.mode == MaskMode::Block || p.N * p.C * p.H * p.W == 0) return {};
+  std::vector<uint32_t> w((size_t)(mask_units(p.N, p.C, false, p.spec.separate) * p.H * p.W));
+  philox_words(p.seed, p.offset, 0, (int64_t)w.size(), w.data());
+  return w;
+}
+
+// Words of mask indices [i, i + len): from `fixed` if given, else generated into buf.
+static const uint32_t* mask_words(const MaskParams& p, const std::vector<uint32_t>& fixed,
+                                  int64_t i, int64_t len, uint32_t* buf) {
+  if (!fixed.empty()) return fixed.data() + i;
+  philox_words(p.seed, p.offset, (uint64_t)i, len, buf);
+  return buf;
+}
+
 void mask_generate_fill(const at::Tensor& out, const MaskParams& p) {
   bool* o = out.data_ptr<bool>();
   const int64_t HW = p.H * p.W, total = out.numel();
@@ -63,8 +80,9 @@ void mask_generate_fill(const at::Tensor& out, const MaskParams& p) {
     out.fill_(true);
     return;
   }
+  const std::vector<uint32_t> fixed = fixed_words(p);
   at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
-    uint32_t words[kWordChunk];
+    uint32_t buf[kWordChunk];
     for_each_piece(p, begin, end, [&](int64_t plane, int64_t unit, int64_t j, int64_t len) {
       bool* op = o + plane * HW;
       if (p.spec.mode == MaskMode::Block) {
@@ -72,7 +90,7 @@ void mask_generate_fill(const at::Tensor& out, const MaskParams& p) {
         block_piece(r, p.W, j, len, [&](int64_t k) { op[k] = true; },
                     [&](int64_t k) { op[k] = false; });
       } else {
-        philox_words(p.seed, p.offset, (uint64_t)(unit * HW + j), len, words);
+        const uint32_t* words = mask_words(p, fixed, unit * HW + j, len, buf);
         for (int64_t t = 0; t < len; ++t) op[j + t] = philox_keep(words[t], p.threshold);
       }
     });
@@ -86,8 +104,9 @@ static void mask_apply_kernel(const scalar_t* x, scalar_t* y, const MaskParams& 
   using opmath_t = at::opmath_type<scalar_t>;
   const scalar_t fill_s = (scalar_t)(opmath_t)fill;
   const int64_t HW = p.H * p.W, total = p.N * p.C * HW;
+  const std::vector<uint32_t> fixed = fixed_words(p);
   at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
-    uint32_t words[kWordChunk];
+    uint32_t buf[kWordChunk];
     for_each_piece(p, begin, end, [&](int64_t plane, int64_t unit, int64_t j, int64_t len) {
       const scalar_t* xp = x + plane * HW;
       scalar_t* yp = y + plane * HW;
@@ -97,7 +116,7 @@ static void mask_apply_kernel(const scalar_t* x, scalar_t* y, const MaskParams& 
                     [&](int64_t k) { yp[k] = fill_s; });
         return;
       }
-      philox_words(p.seed, p.offset, (uint64_t)(unit * HW + j), len, words);
+      const uint32_t* words = mask_words(p, fixed, unit * HW + j, len, buf);
       if (p.spec.mode == MaskMode::Pixel) {
         const scalar_t* xj = xp + j;
         scalar_t* yj = yp + j;
@@ -127,23 +146,24 @@ template <typename scalar_t>
 static void blur_backward_kernel(const scalar_t* g, scalar_t* gx, const MaskParams& p) {
   using T = at::opmath_type<scalar_t>;
   const int64_t H = p.H, W = p.W, HW = H * W, total = p.N * p.C * HW, ld = W + 2;
+  const std::vector<uint32_t> fixed = fixed_words(p);
   at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
-    std::vector<uint32_t> words;
+    std::vector<uint32_t> buf;
     std::vector<uint8_t> keep;
     std::vector<T> spread;
     for_each_piece(p, begin, end, [&](int64_t plane, int64_t unit, int64_t j, int64_t len) {
       const int64_t h0 = j / W, h1 = (j + len - 1) / W;  // rows of the piece
       const int64_t r0 = std::max<int64_t>(0, h0 - 1), r1 = std::min<int64_t>(H, h1 + 2);
       const int64_t nk = (r1 - r0) * W;
-      words.resize(nk);
+      buf.resize(fixed.empty() ? nk : 0);
       keep.resize(nk);
       spread.assign((r1 - r0 + 2) * ld, (T)0);
-      philox_words(p.seed, p.offset, (uint64_t)(unit * HW + r0 * W), nk, words.data());
+      const uint32_t* words = mask_words(p, fixed, unit * HW + r0 * W, nk, buf.data());
       const scalar_t* gp = g + plane * HW;
       for (int64_t r = r0; r < r1; ++r) {
         uint8_t* kr = keep.data() + (r - r0) * W;
         T* sr = spread.data() + (r - r0 + 1) * ld + 1;
-        const uint32_t* wr = words.data() + (r - r0) * W;
+        const uint32_t* wr = words + (r - r0) * W;
         for (int64_t w = 0; w < W; ++w) {
           kr[w] = philox_keep(wr[w], p.threshold);
           sr[w] = blur_spread<T>((T)gp[r * W + w], blur_count(H, W, r, w), kr[w] != 0);

@@ -1,0 +1,246 @@
+// Wide Philox and Box-Muller for the CPU kernels. Philox4x32-10 is integer math, so
+// the SIMD paths give the words of philox_block (fastmask/philox.h) bit for bit; they
+// only differ in speed. The ISA is picked once at run time (cpuid): AVX-512F (64
+// blocks per step), AVX2 (16 blocks), else the scalar philox_block. The environment
+// variable FASTMASK_CPU_ISA=avx512|avx2|scalar caps the choice (for tests).
+#include <cstdlib>
+#include <cstring>
+
+#include "cpu_ops.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTMASK_X86_SIMD 1
+#include <immintrin.h>
+// GCC 12's AVX-512 intrinsic headers trip -Wmaybe-uninitialized (_mm512_undefined_*).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+namespace fastmask {
+namespace cpu {
+namespace {
+
+// out[4 b + l] = lane l of block (first + b), 0 <= b < nb.
+using BlocksFn = void (*)(uint64_t seed, uint64_t offset, uint64_t first, int64_t nb,
+                          uint32_t* out);
+
+void blocks_scalar(uint64_t seed, uint64_t offset, uint64_t first, int64_t nb, uint32_t* out) {
+  for (int64_t b = 0; b < nb; ++b) {
+    Philox4 r = philox_block(seed, offset, first + (uint64_t)b);
+    std::memcpy(out + 4 * b, r.v, sizeof r.v);
+  }
+}
+
+#if FASTMASK_X86_SIMD
+// Each SIMD lane holds one block (structure of arrays: c0..c3 of L blocks per vector);
+// several vectors are interleaved so the multiply latency of one hides behind the others.
+// hi/lo of M * c per 32-bit lane: vpmuludq multiplies the even lanes to 64 bits, the
+// odd lanes are shifted down first; blends put the halves back in place.
+
+__attribute__((target("avx2"))) inline __m256i mulhilo_avx2(__m256i c, __m256i m, __m256i* lo) {
+  const __m256i pe = _mm256_mul_epu32(c, m);
+  const __m256i po = _mm256_mul_epu32(_mm256_srli_epi64(c, 32), m);
+  *lo = _mm256_blend_epi32(pe, _mm256_slli_epi64(po, 32), 0xAA);
+  return _mm256_blend_epi32(_mm256_srli_epi64(pe, 32), po, 0xAA);
+}
+
+// kG groups of 8 blocks (nb a multiple of 8 kG).
+template <int kG>
+__attribute__((target("avx2"))) void blocks_avx2_g(uint64_t seed, uint64_t offset, uint64_t first,
+                                                   int64_t nb, uint32_t* out) {
+  constexpr int L = 8;
+  const __m256i M0 = _mm256_set1_epi32((int)kPhiloxM0), M1 = _mm256_set1_epi32((int)kPhiloxM1);
+  const __m256i O0 = _mm256_set1_epi32((int)(uint32_t)offset);
+  const __m256i O1 = _mm256_set1_epi32((int)(uint32_t)(offset >> 32));
+  for (int64_t g = 0; g < nb; g += L * kG) {
+    alignas(32) uint32_t b0[L * kG], b1[L * kG];
+    for (int l = 0; l < L * kG; ++l) {
+      const uint64_t b = first + (uint64_t)(g + l);
+      b0[l] = (uint32_t)b;
+      b1[l] = (uint32_t)(b >> 32);
+    }
+    __m256i c0[kG], c1[kG], c2[kG], c3[kG];
+    for (int i = 0; i < kG; ++i) {
+      c0[i] = _mm256_load_si256((const __m256i*)(b0 + L * i));
+      c1[i] = _mm256_load_si256((const __m256i*)(b1 + L * i));
+      c2[i] = O0;
+      c3[i] = O1;
+    }
+    uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+    for (int r = 0; r < 10; ++r) {
+      if (r > 0) {
+        k0 += kPhiloxW0;
+        k1 += kPhiloxW1;
+      }
+      const __m256i K0 = _mm256_set1_epi32((int)k0), K1 = _mm256_set1_epi32((int)k1);
+      for (int i = 0; i < kG; ++i) {
+        __m256i lo0, lo1;
+        const __m256i hi0 = mulhilo_avx2(c0[i], M0, &lo0), hi1 = mulhilo_avx2(c2[i], M1, &lo1);
+        c0[i] = _mm256_xor_si256(_mm256_xor_si256(hi1, c1[i]), K0);
+        c2[i] = _mm256_xor_si256(_mm256_xor_si256(hi0, c3[i]), K1);
+        c1[i] = lo1;
+        c3[i] = lo0;
+      }
+    }
+    for (int i = 0; i < kG; ++i) {  // 4 x 8 transpose: blocks back to (c0, c1, c2, c3) order
+      const __m256i t0 = _mm256_unpacklo_epi32(c0[i], c1[i]), t1 = _mm256_unpackhi_epi32(c0[i], c1[i]);
+      const __m256i t2 = _mm256_unpacklo_epi32(c2[i], c3[i]), t3 = _mm256_unpackhi_epi32(c2[i], c3[i]);
+      const __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);  // 0 4, 1 5
+      const __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);  // 2 6, 3 7
+      __m256i* o = (__m256i*)(out + 4 * (g + L * i));
+      _mm256_storeu_si256(o + 0, _mm256_permute2x128_si256(u0, u1, 0x20));
+      _mm256_storeu_si256(o + 1, _mm256_permute2x128_si256(u2, u3, 0x20));
+      _mm256_storeu_si256(o + 2, _mm256_permute2x128_si256(u0, u1, 0x31));
+      _mm256_storeu_si256(o + 3, _mm256_permute2x128_si256(u2, u3, 0x31));
+    }
+  }
+}
+
+// nb a multiple of 8: 16 blocks per step (2 interleaved groups), then 8.
+void blocks_avx2(uint64_t seed, uint64_t offset, uint64_t first, int64_t nb, uint32_t* out) {
+  const int64_t big = nb / 16 * 16;
+  blocks_avx2_g<2>(seed, offset, first, big, out);
+  blocks_avx2_g<1>(seed, offset, first + (uint64_t)big, nb - big, out + 4 * big);
+}
+
+// hi/lo with two masked lane swaps (vpshufd with a merge mask) instead of shifts + blends.
+__attribute__((target("avx512f"))) inline __m512i mulhilo_avx512(__m512i c, __m512i m, __m512i* lo) {
+  const __m512i pe = _mm512_mul_epu32(c, m);                      // (lo, hi) of even lanes
+  const __m512i po = _mm512_mul_epu32(_mm512_srli_epi64(c, 32), m);  // (lo, hi) of odd lanes
+  *lo = _mm512_mask_shuffle_epi32(pe, 0xAAAA, po, _MM_PERM_CDAB);
+  return _mm512_mask_shuffle_epi32(po, 0x5555, pe, _MM_PERM_CDAB);
+}
+
+// G groups of 16 blocks (nb a multiple of 16 G); a ^ b ^ c is one vpternlogd.
+template <int G>
+__attribute__((target("avx512f"))) void blocks_avx512_g(uint64_t seed, uint64_t offset,
+                                                        uint64_t first, int64_t nb, uint32_t* out) {
+  constexpr int L = 16;
+  const __m512i M0 = _mm512_set1_epi32((int)kPhiloxM0), M1 = _mm512_set1_epi32((int)kPhiloxM1);
+  const __m512i O0 = _mm512_set1_epi32((int)(uint32_t)offset);
+  const __m512i O1 = _mm512_set1_epi32((int)(uint32_t)(offset >> 32));
+  for (int64_t g = 0; g < nb; g += L * G) {
+    alignas(64) uint32_t b0[L * G], b1[L * G];
+    for (int l = 0; l < L * G; ++l) {
+      const uint64_t b = first + (uint64_t)(g + l);
+      b0[l] = (uint32_t)b;
+      b1[l] = (uint32_t)(b >> 32);
+    }
+    __m512i c0[G], c1[G], c2[G], c3[G];
+    for (int i = 0; i < G; ++i) {
+      c0[i] = _mm512_load_si512(b0 + L * i);
+      c1[i] = _mm512_load_si512(b1 + L * i);
+      c2[i] = O0;
+      c3[i] = O1;
+    }
+    uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+    for (int r = 0; r < 10; ++r) {
+      if (r > 0) {
+        k0 += kPhiloxW0;
+        k1 += kPhiloxW1;
+      }
+      const __m512i K0 = _mm512_set1_epi32((int)k0), K1 = _mm512_set1_epi32((int)k1);
+      for (int i = 0; i < G; ++i) {
+        __m512i lo0, lo1;
+        const __m512i hi0 = mulhilo_avx512(c0[i], M0, &lo0), hi1 = mulhilo_avx512(c2[i], M1, &lo1);
+        c0[i] = _mm512_ternarylogic_epi32(hi1, c1[i], K0, 0x96);
+        c2[i] = _mm512_ternarylogic_epi32(hi0, c3[i], K1, 0x96);
+        c1[i] = lo1;
+        c3[i] = lo0;
+      }
+    }
+    for (int i = 0; i < G; ++i) {  // 4 x 16 transpose
+      const __m512i t0 = _mm512_unpacklo_epi32(c0[i], c1[i]), t1 = _mm512_unpackhi_epi32(c0[i], c1[i]);
+      const __m512i t2 = _mm512_unpacklo_epi32(c2[i], c3[i]), t3 = _mm512_unpackhi_epi32(c2[i], c3[i]);
+      // u0: blocks 0 4 8 12, u1: 1 5 9 13, u2: 2 6 10 14, u3: 3 7 11 15 (one per 128-bit lane)
+      const __m512i u0 = _mm512_unpacklo_epi64(t0, t2), u1 = _mm512_unpackhi_epi64(t0, t2);
+      const __m512i u2 = _mm512_unpacklo_epi64(t1, t3), u3 = _mm512_unpackhi_epi64(t1, t3);
+      const __m512i v0 = _mm512_shuffle_i32x4(u0, u1, 0x44), v1 = _mm512_shuffle_i32x4(u2, u3, 0x44);
+      const __m512i v2 = _mm512_shuffle_i32x4(u0, u1, 0xEE), v3 = _mm512_shuffle_i32x4(u2, u3, 0xEE);
+      uint32_t* o = out + 4 * (g + L * i);
+      _mm512_storeu_si512(o + 0, _mm512_shuffle_i32x4(v0, v1, 0x88));
+      _mm512_storeu_si512(o + 16, _mm512_shuffle_i32x4(v0, v1, 0xDD));
+      _mm512_storeu_si512(o + 32, _mm512_shuffle_i32x4(v2, v3, 0x88));
+      _mm512_storeu_si512(o + 48, _mm512_shuffle_i32x4(v2, v3, 0xDD));
+    }
+  }
+}
+
+// nb a multiple of 16: 64 blocks per step (4 interleaved groups), then 16.
+void blocks_avx512(uint64_t seed, uint64_t offset, uint64_t first, int64_t nb, uint32_t* out) {
+  const int64_t big = nb / 64 * 64;
+  blocks_avx512_g<4>(seed, offset, first, big, out);
+  blocks_avx512_g<1>(seed, offset, first + (uint64_t)big, nb - big, out + 4 * big);
+}
+#endif  // FASTMASK_X86_SIMD
+
+struct WideBlocks {
+  BlocksFn fn = blocks_scalar;
+  int64_t step = 1;  // fn takes multiples of `step` blocks
+  const char* isa = "scalar";
+};
+
+WideBlocks pick_blocks() {
+  WideBlocks w;
+#if FASTMASK_X86_SIMD
+  const char* env = std::getenv("FASTMASK_CPU_ISA");
+  const std::string cap = env ? env : "";
+  __builtin_cpu_init();
+  const bool allow512 = cap.empty() || cap == "avx512";
+  const bool allow2 = allow512 || cap == "avx2";
+  if (allow512 && __builtin_cpu_supports("avx512f")) {
+    w = {blocks_avx512, 16, "avx512"};
+  } else if (allow2 && __builtin_cpu_supports("avx2")) {
+    w = {blocks_avx2, 8, "avx2"};
+  }
+#endif
+  return w;
+}
+
+const WideBlocks& wide_blocks() {
+  static const WideBlocks w = pick_blocks();
+  return w;
+}
+
+// out[j] = z(words[2j], words[2j + 1]), 0 <= j < n. Compiled for several ISAs (the
+// float math is the same IEEE operations in each, so the results are too).
+#if FASTMASK_X86_SIMD && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+void box_muller_words(const uint32_t* words, int64_t n, float* out) {
+  for (int64_t j = 0; j < n; ++j) out[j] = box_muller_f32(words[2 * j], words[2 * j + 1]);
+}
+
+}  // namespace
+
+const char* philox_isa() { return wide_blocks().isa; }
+
+void philox_words(uint64_t seed, uint64_t offset, uint64_t start, int64_t n, uint32_t* out) {
+  int64_t j = 0;
+  if (n > 0 && (start & 3)) {  // head: the rest of a partial block
+    Philox4 b = philox_block(seed, offset, start >> 2);
+    for (; j < n && ((start + j) & 3); ++j) out[j] = b.v[(start + j) & 3];
+  }
+  const WideBlocks& w = wide_blocks();
+  const uint64_t first = (start + j) >> 2;
+  const int64_t full = (n - j) / 4;
+  const int64_t wide = full / w.step * w.step;
+  if (wide > 0) w.fn(seed, offset, first, wide, out + j);
+  blocks_scalar(seed, offset, first + (uint64_t)wide, full - wide, out + j + 4 * wide);
+  j += 4 * full;
+  if (j < n) {  // tail: the start of a block
+    Philox4 b = philox_block(seed, offset, (start + j) >> 2);
+    for (int l = 0; j < n; ++j, ++l) out[j] = b.v[l];
+  }
+}
+
+void philox_normals(uint64_t seed, uint64_t offset, uint64_t start, int64_t n, float* out) {
+  uint32_t words[2 * kWordChunk];
+  for (int64_t j = 0; j < n; j += kWordChunk) {
+    const int64_t len = std::min(kWordChunk, n - j);
+    philox_words(seed, offset, 2 * (start + (uint64_t)j), 2 * len, words);
+    box_muller_words(words, len, out + j);
+  }
+}
+
+}  // namespace cpu
+}  // namespace fastmask
