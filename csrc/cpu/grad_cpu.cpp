@@ -103,7 +103,9 @@ at::Tensor grad_clip_noise_(at::TensorList grads, std::optional<double> max_norm
     }
   }
   auto dtype = grads[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  return at::scalar_tensor(norm, at::TensorOptions().dtype(dtype).device(grads[0].device()));
+  // float64 tensor, then cast: a norm above FLT_MAX becomes inf (as in the reference) rather
+  // than the "cannot be converted to type float without overflow" of a Scalar conversion.
+  return at::scalar_tensor(norm, at::TensorOptions().dtype(at::kDouble)).to(grads[0].device(), dtype);
 }
 
 }  // namespace cpu
