@@ -137,6 +137,11 @@ def build_parser():
     t.add_argument("--noise-std", type=nonneg_float, default=0.0, help="Gaussian noise added to the gradients")
     t.add_argument("--adv-train", choices=("fgsm",), help="fast FGSM adversarial training")
     t.add_argument("--adv-eps", type=positive_float, default=0.1)
+    t.add_argument("--adv-alpha", type=positive_float, help="FGSM step of adversarial training (default 1.25 eps)")
+    t.add_argument("--adv-check", action="store_true", help="early stop when the PGD accuracy of a training "
+                   "batch collapses (catastrophic overfitting); keeps the best epoch")
+    t.add_argument("--lr-schedule", choices=("constant", "cyclic"), default="constant",
+                   help="cyclic: per step 0 -> lr at 2/5 of the epochs -> 0 (Wong et al. 2020)")
     t.add_argument("--train-subset", type=positive_int, help="use only the first N training images")
 
     a = sub.add_parser("attack", help="evaluate a checkpoint under FGSM and PGD")
@@ -173,9 +178,12 @@ def cmd_train(args):
     from .train import TrainConfig, train
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.adv_check and not args.adv_train:
+        raise CliError("fastmask train: argument --adv-check: needs --adv-train")
     grad = {k: v for k, v in (("max_norm", args.max_norm), ("noise_std", args.noise_std)) if v}
     tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-                       seed=args.seed, grad=grad, adv_train=args.adv_train, adv_eps=args.adv_eps)
+                       seed=args.seed, grad=grad, adv_train=args.adv_train, adv_eps=args.adv_eps,
+                       adv_alpha=args.adv_alpha, adv_check=args.adv_check, lr_schedule=args.lr_schedule)
     mask = None
     if args.mask_ratio > 0:
         mask = {"ratio": args.mask_ratio, "mode": args.mask_mode, "scope": args.mask_scope,

@@ -11,6 +11,11 @@ x0 = x + uniform(-eps, eps) (ops.random_start), one signed-gradient step of
 alpha = 1.25 eps from x0, projected back to the eps-ball around x and to [0, 1]
 (ops.pgd_step: the fgsm step and the projection, fused). It combines with
 masking (the attack sees the model's masked forward) and gradient manipulation.
+Their MNIST recipe: lr_schedule="cyclic" (per step, linear 0 -> lr at 2/5 of
+the epochs -> 0), Adam, eps 0.3, alpha 0.375. adv_check=True guards against
+catastrophic overfitting: after each epoch, PGD-10 accuracy on a fixed batch of
+training images; if it falls more than 0.2 below its best, training stops and
+the best epoch's weights are restored.
 
 Same seed, same machine, same thread count: identical numbers.
 """
@@ -24,6 +29,7 @@ from .data import to_float
 
 OPTIMIZERS = ("adam", "sgd")
 ADV_TRAIN = (None, "fgsm")
+LR_SCHEDULES = ("constant", "cyclic")
 
 
 @dataclass
@@ -39,6 +45,9 @@ class TrainConfig:
     adv_train: str = None       # None or "fgsm"
     adv_eps: float = 0.1
     eval_batch: int = 1000
+    lr_schedule: str = "constant"  # "cyclic": 0 -> lr at 2/5 of the epochs -> 0, per step (Wong et al.)
+    adv_alpha: float = None     # fgsm step; None: 1.25 * adv_eps
+    adv_check: bool = False     # early stop on PGD accuracy of a training batch (catastrophic overfitting)
 
     def __post_init__(self):
         for k in ("epochs", "batch_size", "eval_batch"):
@@ -53,6 +62,12 @@ class TrainConfig:
             raise ValueError(f"adv_train={self.adv_train!r} is not one of {ADV_TRAIN}")
         if self.adv_train and not self.adv_eps > 0:
             raise ValueError(f"adv_eps={self.adv_eps!r} must be > 0 for adversarial training")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={self.lr_schedule!r} is not one of {LR_SCHEDULES}")
+        if self.adv_alpha is not None and not self.adv_alpha > 0:
+            raise ValueError(f"adv_alpha={self.adv_alpha!r} must be > 0 (or None for 1.25 * adv_eps)")
+        if self.adv_check and not self.adv_train:
+            raise ValueError("adv_check=True needs adv_train")
         unknown = set(self.grad or {}) - {"max_norm", "noise_std", "clip_value", "smoothing"}
         if unknown:
             raise ValueError(f"grad has unknown keys {sorted(unknown)}")
@@ -108,13 +123,30 @@ def make_optimizer(model, cfg):
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def fgsm_example(model, x, y, eps, seed, step):
-    """Fast-AT example: random start in the eps-ball, one step of 1.25 eps, projected (Wong et al. 2020)."""
+def fgsm_example(model, x, y, eps, seed, step, alpha=None):
+    """Fast-AT example: random start in the eps-ball, one step of alpha (default 1.25 eps), projected
+    to the eps-ball and [0, 1] (Wong et al. 2020)."""
     from . import ops
     x0 = ops.random_start(x, eps, seed=seed, offset=step, norm="inf", lo=0.0, hi=1.0).requires_grad_(True)
     loss = F.cross_entropy(model(x0), y)
     (g,) = torch.autograd.grad(loss, x0)  # input gradient only: no parameter .grad is touched
-    return ops.pgd_step(x0.detach(), x, g, 1.25 * eps, eps, 0.0, 1.0, "inf")
+    return ops.pgd_step(x0.detach(), x, g, 1.25 * eps if alpha is None else alpha, eps, 0.0, 1.0, "inf")
+
+
+def lr_at(cfg, t):
+    """Learning rate at t epochs into training (t in [0, epochs])."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    peak = 0.4 * cfg.epochs
+    return cfg.lr * (t / peak if t <= peak else max(0.0, (cfg.epochs - t) / (cfg.epochs - peak)))
+
+
+def train_batch_pgd_acc(model, x, y, eps, seed):
+    """PGD-10 (alpha eps/4, random start) accuracy on a training batch: the early-stop signal."""
+    from .attacks import pgd
+    from .evaluate import predict
+    x_adv = pgd(model, x, y, eps, eps / 4, 10, seed=seed)
+    return (predict(model, x_adv) == y).double().mean().item()
 
 
 def train(model, data, cfg, progress=False, log=None):
@@ -131,6 +163,10 @@ def train(model, data, cfg, progress=False, log=None):
     gen = torch.Generator().manual_seed(cfg.seed)
     n, bs = len(data.y_train), cfg.batch_size
     history, step, train_time, train_cpu = [], 0, 0.0, 0.0
+    steps_per_epoch = (n + bs - 1) // bs
+    best_check, best_state, stopped = -1.0, None, None
+    if cfg.adv_check:
+        x_check, y_check = to_float(data.x_train[:512]), data.y_train[:512]
     bar = None
     if progress:
         from tqdm import tqdm
@@ -143,8 +179,11 @@ def train(model, data, cfg, progress=False, log=None):
         for i in range(0, n, bs):
             idx = perm[i:i + bs]
             x, y = to_float(data.x_train[idx]), data.y_train[idx]
+            if cfg.lr_schedule != "constant":
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(cfg, (step + 1) / steps_per_epoch)
             if cfg.adv_train == "fgsm":
-                x = fgsm_example(model, x, y, cfg.adv_eps, cfg.seed + 3, step)
+                x = fgsm_example(model, x, y, cfg.adv_eps, cfg.seed + 3, step, cfg.adv_alpha)
             logits = model(x)
             loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
@@ -165,11 +204,26 @@ def train(model, data, cfg, progress=False, log=None):
         row = {"epoch": epoch, "loss": loss_sum / n, "train_acc": correct / n,
                "val_loss": val["loss"], "val_acc": val["accuracy"], "val_precision": val["precision"],
                "val_recall": val["recall"], "val_f1": val["f1"], "time": dt, "cpu_time": dc}
+        if cfg.adv_check:
+            row["train_batch_pgd_acc"] = acc = train_batch_pgd_acc(model, x_check, y_check, cfg.adv_eps, cfg.seed)
+            if acc > best_check:
+                best_check, best_state = acc, {k: v.clone() for k, v in model.state_dict().items()}
         history.append(row)
         if log is not None:
             log(f"  epoch {epoch}: loss {row['loss']:.4f} train acc {row['train_acc']:.4f} "
-                f"val acc {row['val_acc']:.4f} ({dt:.1f} s)")
+                f"val acc {row['val_acc']:.4f} ({dt:.1f} s)"
+                + (f" train-batch PGD acc {row['train_batch_pgd_acc']:.4f}" if cfg.adv_check else ""))
+        if cfg.adv_check and row["train_batch_pgd_acc"] < best_check - 0.2:  # catastrophic overfitting
+            stopped = epoch
+            if log is not None:
+                log(f"  early stop at epoch {epoch}: train-batch PGD accuracy fell from {best_check:.4f}")
+            break
     if bar is not None:
         bar.close()
+    if cfg.adv_check and best_state is not None:
+        model.load_state_dict(best_state)  # the epoch with the best training-batch PGD accuracy
     model.eval()
-    return {"history": history, "train_time": train_time, "train_cpu_time": train_cpu, "steps": step}
+    out = {"history": history, "train_time": train_time, "train_cpu_time": train_cpu, "steps": step}
+    if cfg.adv_check:
+        out["early_stop"] = {"stopped_at_epoch": stopped, "best_train_batch_pgd_acc": best_check}
+    return out
