@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import attacks as A
-from . import stats
+from . import distributed, stats
 
 __all__ = ["evaluate", "predict", "robustness", "sanity_checks", "honest_report", "format_report",
            "model_size_bytes", "HONEST_EPS"]
@@ -123,6 +123,7 @@ def robustness(model, x, y, *, eps_list, attacks=("fgsm", "pgd"), pgd_steps=40, 
     if "transfer" in names and surrogate is None:
         raise ValueError("attack 'transfer' needs surrogate= (a model or {eps: x_adv})")
     masks = "random" if test_mask else "model"
+    distributed.mask_streams(model)  # random masks: each rank draws its own
     cfg = dict(pgd_steps=pgd_steps, pgd_alpha=pgd_alpha, restarts=restarts, eot_samples=eot_samples,
                seed=seed, masks=masks, batch_size=batch_size)
     y_cpu = y.cpu()
@@ -135,20 +136,25 @@ def robustness(model, x, y, *, eps_list, attacks=("fgsm", "pgd"), pgd_steps=40, 
         out["grad"] = {"zero_frac": (g == 0).all(1).double().mean().item(),
                        "nan_frac": g.isnan().any(1).double().mean().item(),
                        "mean_abs": g.abs().nan_to_num().mean().item()}
-        for a, name in zip(attacks, names):
-            rows = []
-            for eps in eps_list:
-                if name == "transfer":
-                    if isinstance(surrogate, dict):
-                        x_adv = surrogate[eps]
-                    else:
-                        x_adv = A.transfer(surrogate, model, x, y, _attack_fn("pgd", eps, dict(cfg, masks="model")))
-                elif isinstance(a, str):
-                    x_adv = _attack_fn(name, eps, cfg)(model, x, y)
+        work = [(a, name, eps) for a, name in zip(attacks, names) for eps in eps_list]
+
+        def run(j):  # one (attack, eps) item
+            a, name, eps = work[j]
+            if name == "transfer":
+                if isinstance(surrogate, dict):
+                    x_adv = surrogate[eps]
                 else:
-                    x_adv = a[1](model, x, y, eps)
-                rows.append(predict(model, x_adv, batch_size=batch_size, masks=masks) == y_cpu)
-            out["correct"][name] = torch.stack(rows)
+                    x_adv = A.transfer(surrogate, model, x, y, _attack_fn("pgd", eps, dict(cfg, masks="model")))
+            elif isinstance(a, str):
+                x_adv = _attack_fn(name, eps, cfg)(model, x, y)
+            else:
+                x_adv = a[1](model, x, y, eps)
+            return predict(model, x_adv, batch_size=batch_size, masks=masks) == y_cpu
+        # under torchrun the items are shared out over the ranks and gathered (fastmask.distributed);
+        # in one process this is the plain loop, in order
+        done = distributed.shard_map(run, len(work))
+        for k, name in enumerate(names):
+            out["correct"][name] = torch.stack(done[k * len(eps_list):(k + 1) * len(eps_list)])
             out["accuracy"][name] = out["correct"][name].double().mean(1).tolist()
     robust = clean.expand(len(eps_list), -1).clone()
     for c in out["correct"].values():

@@ -47,6 +47,9 @@ class FeatureMask(torch.nn.Module):
         self.fill, self.seed = float(fill), int(seed)
         self.eval_mask = ops._choice("eval_mask", eval_mask, ("off", "consistent"))
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        # scope "sample" draws at offset step + stream * 2^40: fastmask.distributed sets stream to
+        # the rank so that no two ranks draw the same masks (0, the default, changes nothing)
+        self.stream = 0
 
     def _apply(self, fn, *args, **kwargs):
         # The counter stays on the CPU when the module moves (model.cuda()): reading
@@ -66,7 +69,7 @@ class FeatureMask(torch.nn.Module):
         if self.scope == "fixed":
             offset = FIXED_OFFSET
         else:
-            offset = self.step.clone()
+            offset = self.step.clone() if not self.stream else self.step + (self.stream << 40)
         with torch.no_grad():
             self.step.add_(1)
         return ops.mask_apply(x, self.ratio, seed=self.seed, offset=offset, mode=self.mode,
