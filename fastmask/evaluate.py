@@ -140,6 +140,8 @@ def robustness(model, x, y, *, eps_list, attacks=("fgsm", "pgd"), pgd_steps=40, 
 
         def run(j):  # one (attack, eps) item
             a, name, eps = work[j]
+            if eps == 0:  # the eps-0 ball is x itself: every attack returns x, no need to run it
+                return clean.clone()
             if name == "transfer":
                 if isinstance(surrogate, dict):
                     x_adv = surrogate[eps]
@@ -233,8 +235,9 @@ def honest_report(models, x, y, *, eps_list=HONEST_EPS, surrogate=None, baseline
     models: {name: model} (or one model). Attacks: FGSM, PGD, PGD with `restarts`
     random restarts, transfer (PGD on `surrogate`, crafted once per eps) and, for
     rows masked at test time, EOT-PGD (`eot_samples` draws per step) and
-    frozen-mask PGD. test_mask: False, True or "auto" (both rows for models with
-    FeatureMask modules: "<name>" unmasked and "<name> [test mask]" randomized).
+    frozen-mask PGD (surrogate: a model, or precomputed examples {eps: x_adv}). test_mask:
+    False, True or "auto" (both rows for models with FeatureMask modules: "<name>"
+    unmasked and "<name> [test mask]" randomized).
     baseline: a row name; every other row gets McNemar tests of its robust
     correctness against it, per eps ("more robust" only when p < 0.05).
     Returns {"rows": {row: {...}}, "eps": [...], "config": {...}}.
@@ -246,8 +249,8 @@ def honest_report(models, x, y, *, eps_list=HONEST_EPS, surrogate=None, baseline
     eps_list = [float(e) for e in eps_list]
     cfg = dict(pgd_steps=pgd_steps, pgd_alpha=pgd_alpha, restarts=restarts, eot_samples=eot_samples,
                batch_size=batch_size, seed=seed)
-    transfer_x = None
-    if surrogate is not None:  # the same transfer examples for every row
+    transfer_x = surrogate if isinstance(surrogate, dict) else None  # precomputed {eps: x_adv}
+    if surrogate is not None and transfer_x is None:  # the same transfer examples for every row
         transfer_x = {e: _attack_fn("pgd", e, dict(cfg, restarts=1, masks="model"))(surrogate, x, y) for e in eps_list}
 
     def pgd_restarts(m, xb, yb, e, masks):
