@@ -17,8 +17,14 @@ catastrophic overfitting: after each epoch, PGD-10 accuracy on a fixed batch of
 training images; if it falls more than 0.2 below its best, training stops and
 the best epoch's weights are restored.
 
+Under torchrun (fastmask.distributed, docs/distributed.md) the model is wrapped in
+DistributedDataParallel and each rank takes a contiguous part of every global batch
+(cfg.batch_size is the global batch); gradient manipulation runs on the all-reduced
+gradient with the same noise on every rank, so the replicas stay bit-identical.
+
 Same seed, same machine, same thread count: identical numbers.
 """
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -102,8 +108,9 @@ def predict(model, x, batch_size=1000):
     """Logits of the model in eval mode (x uint8 or float in [0, 1]); the training flag is restored."""
     was = model.training
     model.eval()
+    dev = next(model.parameters()).device
     try:
-        out = [model(to_float(xb) if xb.dtype == torch.uint8 else xb) for xb in x.split(batch_size)]
+        out = [model((to_float(xb) if xb.dtype == torch.uint8 else xb).to(dev)).cpu() for xb in x.split(batch_size)]
     finally:
         model.train(was)
     return torch.cat(out) if out else torch.empty(0, 10)
@@ -155,6 +162,9 @@ def train(model, data, cfg, progress=False, log=None):
     time), train_time (wall) and train_cpu_time (CPU; robust to other load on a shared machine)."""
     if isinstance(cfg, dict):
         cfg = TrainConfig(**cfg)
+    from . import distributed  # under torchrun: DDP, each rank a contiguous part of every global batch
+    world, dev = distributed.world_size(), next(model.parameters()).device
+    net = distributed.wrap(distributed.mask_streams(model))
     opt = make_optimizer(model, cfg)
     manip = None
     if any(v for v in (cfg.grad or {}).values()):
@@ -168,7 +178,7 @@ def train(model, data, cfg, progress=False, log=None):
     if cfg.adv_check:
         x_check, y_check = to_float(data.x_train[:512]), data.y_train[:512]
     bar = None
-    if progress:
+    if progress and distributed.is_main():
         from tqdm import tqdm
         bar = tqdm(total=cfg.epochs * ((n + bs - 1) // bs), leave=False, dynamic_ncols=True)
     for epoch in range(1, cfg.epochs + 1):
@@ -177,27 +187,34 @@ def train(model, data, cfg, progress=False, log=None):
         perm = torch.randperm(n, generator=gen)
         loss_sum, correct = 0.0, 0
         for i in range(0, n, bs):
-            idx = perm[i:i + bs]
-            x, y = to_float(data.x_train[idx]), data.y_train[idx]
+            idx = perm[i:i + bs]  # the global batch: the same on every rank
+            mine = distributed.chunk(idx)
+            x, y = to_float(data.x_train[mine]).to(dev), data.y_train[mine].to(dev)
             if cfg.lr_schedule != "constant":
                 for group in opt.param_groups:
                     group["lr"] = lr_at(cfg, (step + 1) / steps_per_epoch)
             if cfg.adv_train == "fgsm":
-                x = fgsm_example(model, x, y, cfg.adv_eps, cfg.seed + 3, step, cfg.adv_alpha)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
+                x = fgsm_example(model, x, y, cfg.adv_eps, cfg.seed + 3, distributed.stream_offset(step),
+                                 cfg.adv_alpha)
+            logits = net(x)
+            if world > 1:  # scaled so that DDP's mean over the ranks is the mean over the global batch
+                loss = F.cross_entropy(logits, y, reduction="sum") * (world / len(idx))
+            else:
+                loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if manip is not None:
                 manip.step()
             opt.step()
             step += 1
-            loss_sum += loss.item() * len(y)
+            loss_sum += loss.item() * (len(y) if world == 1 else len(idx) / world)
             correct += (logits.argmax(1) == y).sum().item()
             if bar is not None:
                 bar.update(1)
                 bar.set_description(f"epoch {epoch}/{cfg.epochs} loss {loss.item():.3f}")
         dt, dc = time.perf_counter() - t0, time.process_time() - c0
+        if world > 1:  # the epoch's figures over every rank (cpu_time: the sum of the ranks' CPU times)
+            loss_sum, correct, dc = distributed.all_reduce_sum([loss_sum, correct, dc])
         train_time += dt
         train_cpu += dc
         val = validate(model, data.x_val, data.y_val, cfg.eval_batch)
@@ -224,6 +241,12 @@ def train(model, data, cfg, progress=False, log=None):
         model.load_state_dict(best_state)  # the epoch with the best training-batch PGD accuracy
     model.eval()
     out = {"history": history, "train_time": train_time, "train_cpu_time": train_cpu, "steps": step}
+    if world > 1:
+        out["world_size"] = world
+        out["replica_sha256"] = distributed.replica_hashes(model)
+        if len(set(out["replica_sha256"])) > 1:
+            print(f"fastmask: warning: the {world} replicas differ after training "
+                  f"(state_dict SHA-256 {out['replica_sha256']})", file=sys.stderr)
     if cfg.adv_check:
         out["early_stop"] = {"stopped_at_epoch": stopped, "best_train_batch_pgd_acc": best_check}
     return out
