@@ -175,6 +175,7 @@ def cmd_train(args):
     folder_arg(Path(args.out))
     import torch
     from . import data as D, models as M
+    from . import distributed
     from .train import TrainConfig, train
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -191,7 +192,7 @@ def cmd_train(args):
     data = D.load(args.dataset, args.data_dir, split_seed=args.seed, download=args.download)
     if args.train_subset:
         data = data.take(train=args.train_subset)
-    model = M.build(args.model, mask, seed=args.seed)
+    model = M.build(args.model, mask, seed=args.seed).to(distributed.device())  # cpu unless torchrun + GPUs
     say = (lambda *a: None) if args.quiet else print
     say(f"training {args.model} on {args.dataset} {data.sizes()} (mask {mask}, grad {grad or None}, "
         f"adv {args.adv_train})")
@@ -199,7 +200,8 @@ def cmd_train(args):
     path = Path(args.out) / "model.pt"
     config = {"model": args.model, "dataset": args.dataset, "mask": mask, "train": tcfg.to_dict(),
               "subset": data.subset, "split_seed": data.split_seed}
-    M.save(path, model, config, data.sha256, extra=info)
+    if distributed.is_main():  # under torchrun, rank 0 writes
+        M.save(path, model, config, data.sha256, extra=info)
     say(f"val acc {info['history'][-1]['val_acc']:.4f}; wrote {path}")
 
 
@@ -250,12 +252,14 @@ def main(argv=None):
     (atomic writes), and rerunning the same command resumes from the last checkpoint."""
     import os
     import signal
+    from . import distributed
     from .data import DataError
     from .models import CheckpointError
     old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         args = build_parser().parse_args(argv)
-        {"reproduce": cmd_reproduce, "train": cmd_train, "attack": cmd_attack}[args.command](args)
+        with distributed.launched():  # under torchrun: join the group, rank 0 prints; else nothing
+            {"reproduce": cmd_reproduce, "train": cmd_train, "attack": cmd_attack}[args.command](args)
     except CliError as e:
         print(one_line(e), file=sys.stderr)
         return 2

@@ -239,8 +239,9 @@ def stream_offset(offset):
 
 
 def wrap(model):
-    """DistributedDataParallel around model (a no-op in one process). Parameters are broadcast from
-    rank 0; buffers are not synchronised (FeatureMask step counters advance identically everywhere)."""
+    """DistributedDataParallel around model (a no-op in one process). Parameters and buffers are
+    broadcast from rank 0, except the FeatureMask step counters (CPU tensors that advance
+    identically on every rank)."""
     if not enabled():
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -248,7 +249,7 @@ def wrap(model):
     if ignore:
         DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
     dev = next(model.parameters()).device
-    return DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
+    return DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
 
 def state_hash(model):
