@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from . import data as D
+from . import distributed
 from . import models as M
 from .train import TrainConfig, train
 
@@ -124,19 +125,25 @@ def row_configs(cfg, data):
 
 def train_or_resume(name, mask, tcfg, ck, data, cfg, log):
     path = Path(cfg.out) / "checkpoints" / f"{name}.pt"
-    if path.is_file():
+    resumed = None
+    if path.is_file() and distributed.is_main():  # under torchrun rank 0 decides and sends the model
         try:
             model, blob = M.load(path, with_meta=True)
             if blob["config"] == ck and blob["data_hash"] == data.sha256 and blob.get("extra"):
                 log(f"[{name}] resumed from {path}")
-                return model, blob["extra"], True
-            log(f"[{name}] checkpoint {path} is for another config or data: retraining")
+                resumed = (model, blob["extra"])
+            else:
+                log(f"[{name}] checkpoint {path} is for another config or data: retraining")
         except M.CheckpointError as e:
             log(f"[{name}] {e}: retraining")
+    resumed = distributed.broadcast(resumed)
+    if resumed is not None:
+        return resumed[0], resumed[1], True
     log(f"[{name}] training ({ROWS[name][0]})")
-    model = M.build(cfg.model, mask, seed=cfg.seed)
+    model = M.build(cfg.model, mask, seed=cfg.seed).to(distributed.device())  # cpu unless torchrun + GPUs
     info = train(model, data, tcfg, progress=cfg.progress, log=None if cfg.quiet else log)
-    M.save(path, model, ck, data.sha256, extra=info)
+    if distributed.is_main():
+        M.save(path, model, ck, data.sha256, extra=info)
     return model, info, False
 
 
@@ -198,7 +205,8 @@ def run_reproduce(cfg, log=print):
         torch.set_num_threads(cfg.threads)
     t_start, c_start = time.perf_counter(), time.process_time()
     for stale in sorted(Path(cfg.out).glob(".*.tmp")) + sorted(Path(cfg.out).glob("checkpoints/.*.tmp")):
-        stale.unlink(missing_ok=True)  # half-written by a run that was killed (SIGKILL)
+        if distributed.is_main():
+            stale.unlink(missing_ok=True)  # half-written by a run that was killed (SIGKILL)
     data = D.load(cfg.dataset, cfg.data_dir, n_val=cfg.n_val, split_seed=cfg.seed, download=cfg.download)
     if PRESETS[cfg.preset]["subset"]:
         data = data.take(**PRESETS[cfg.preset]["subset"])
@@ -272,7 +280,9 @@ def run_reproduce(cfg, log=print):
     from . import report
     results["wall_time_s"] = time.perf_counter() - t_start
     results["cpu_time_s"] = time.process_time() - c_start
-    report.write_all(results, cfg.out, example)
+    results["world_size"] = distributed.world_size()  # torchrun processes (cpu_time_s: rank 0's)
+    if distributed.is_main():
+        report.write_all(results, cfg.out, example)
     log(report.summary(results))
     return results
 
