@@ -149,7 +149,9 @@ def build_parser():
     a.add_argument("--eps", type=eps_list, default=(0.05, 0.1, 0.15, 0.2, 0.25, 0.3))
     a.add_argument("--pgd-steps", type=positive_int, default=40)
     a.add_argument("--pgd-alpha", type=positive_float, default=0.01)
-    a.add_argument("--n", type=positive_int, default=1000, help="first N test images (default 1000)")
+    a.add_argument("--n", "--n-test", dest="n", type=positive_int, default=1000,
+                   help="first N test images (default 1000); under torchrun write --n-test (torchrun's own "
+                   "parser takes --n for an abbreviation of its --nnodes/--nproc-per-node)")
     a.add_argument("--test-mask", action="store_true", help="use the consistent test mask M_test")
     a.add_argument("--data-dir")
     a.add_argument("--json", action="store_true", help="print the result as JSON")
