@@ -48,6 +48,8 @@ ROWS = {  # name -> (label, mask ratio, pattern, grad manipulation, adversarial 
     "random30_gm": ("masked 30% random + grad manip.", 0.3, "random", GRAD_MANIP, None),
     "gm": ("grad manip. only", None, None, GRAD_MANIP, None),
     "fast_at": ("FGSM adv. training (fast AT)", None, None, None, "fgsm"),
+    "fast_at_random10": ("fast AT + masked 10% random", 0.1, "random", None, "fgsm"),
+    "fast_at_random30": ("fast AT + masked 30% random", 0.3, "random", None, "fgsm"),
 }
 DEFAULT_ROWS = ("baseline", "random10", "random30", "random50", "fixed30", "random30_gm", "gm")
 PAPER_TABLE = {  # Table I of the paper: train acc, test acc, acc under FGSM, training time increase
@@ -80,7 +82,8 @@ class ReproduceConfig:
     pgd_steps: int = None
     pgd_alpha: float = None         # None: the preset's (a preset's None: 2.5 eps / steps)
     mask_mode: str = "pixel"
-    adv_eps: float = 0.1            # fast_at row only
+    adv_eps: float = 0.1            # fast_at rows only
+    lr_schedule: str = "constant"   # every row; "cyclic": Wong et al.'s 0 -> lr -> 0 per step
     n_val: int = None               # None: 10,000 (data.load's default)
 
     def __post_init__(self):
@@ -116,7 +119,8 @@ def row_configs(cfg, data):
             mask = {"ratio": ratio, "mode": cfg.mask_mode, "scope": "sample" if pattern == "random" else "fixed",
                     "channels": "shared", "fill": 0.0, "seed": cfg.seed + 1, "eval_mask": "off"}
         tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer,
-                           seed=cfg.seed, grad=dict(grad or {}), adv_train=adv, adv_eps=cfg.adv_eps)
+                           seed=cfg.seed, grad=dict(grad or {}), adv_train=adv, adv_eps=cfg.adv_eps,
+                           lr_schedule=cfg.lr_schedule, adv_check=adv is not None)  # early stop: fast AT rows
         ck = {"row": name, "model": cfg.model, "dataset": cfg.dataset, "subset": data.subset,
               "split_seed": data.split_seed, "n_val": len(data.y_val), "mask": mask, "train": tcfg.to_dict()}
         out[name] = (mask, tcfg, ck)
