@@ -158,8 +158,8 @@ def launched():
         barrier()
     except BaseException as e:
         what = "stopped" if isinstance(e, KeyboardInterrupt) else "failed"
-        print(f"fastmask: rank {rank()} of {world_size()} {what} ({type(e).__name__}: "
-              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); stopping the job",
+        why = type(e).__name__ + (": " + str(e).strip().splitlines()[0] if str(e).strip() else "")
+        print(f"fastmask: rank {rank()} of {world_size()} {what} ({why}); stopping the job",
               file=sys.stderr, flush=True)
         abort()
         raise
