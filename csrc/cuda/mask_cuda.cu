@@ -119,8 +119,8 @@ __global__ void mask_apply_kernel(const scalar_t* x, scalar_t* y, MaskParams p,
     const int cnt = group_count<G>(total, i0);
     bool keep[G];
     Group<scalar_t, G> v;
+    load_group<scalar_t, G>(x, i0, cnt, vec, v);  // issue the load first: Philox hides its latency
     group_keep<G>(p, rects, i0, cnt, whole, keep);
-    load_group<scalar_t, G>(x, i0, cnt, vec, v);
 #pragma unroll
     for (int t = 0; t < G; ++t) v.v[t] = keep[t] ? v.v[t] : fill;
     store_group<scalar_t, G>(y, i0, cnt, vec, v);
