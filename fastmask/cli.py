@@ -3,6 +3,8 @@
     fastmask reproduce [--model mlp|cnn] [--preset smoke|default|full] [--out DIR] ...
     fastmask train --out DIR [--mask-ratio R --mask-scope sample|fixed ...] [--adv-train fgsm]
     fastmask attack --checkpoint PATH [--eps ...] [--json]
+    fastmask evaluate --checkpoint NAME=PATH ... [--surrogate PATH] --out DIR   (honest evaluation)
+    fastmask reproduce --honest [--seeds N]   (Table I over seeds + honest evaluation)
 
 Errors (bad arguments, missing data or checkpoints) print one line on stderr
 and exit with code 2, without a traceback.
@@ -34,6 +36,16 @@ def eps_list(text):
         raise argparse.ArgumentTypeError(f"--eps {text!r}: expected comma-separated numbers") from None
     if not vals or any(not 0 < v <= 1 for v in vals):
         raise argparse.ArgumentTypeError(f"--eps {text!r}: values must be in (0, 1]")
+    return vals
+
+
+def honest_eps(text):
+    try:
+        vals = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--eps {text!r}: expected comma-separated numbers") from None
+    if not vals or any(not 0 <= v <= 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"--eps {text!r}: values must be in [0, 1]")
     return vals
 
 
@@ -121,6 +133,15 @@ def build_parser():
     r.add_argument("--eps", type=eps_list, help="comma-separated eps sweep (default 0.05,...,0.3)")
     r.add_argument("--rows", help=f"comma-separated rows (default {','.join(DEFAULT_ROWS)}; "
                    f"available {','.join(ROWS)})")
+    r.add_argument("--seeds", type=positive_int, help="train and evaluate every row for this many seeds "
+                   "(--seed, --seed+1, ...; folders seed_<s>/) and write mean, std, 95%% CIs and paired tests "
+                   "(default 1; 3 with --honest)")
+    r.add_argument("--honest", action="store_true", help="also the honest robustness evaluation of the first "
+                   "seed's models (honest.md/json/png; attacks sized by --preset)")
+    r.add_argument("--lr", type=positive_float, help="learning rate of every row (default 1e-3)")
+    r.add_argument("--lr-schedule", choices=("constant", "cyclic"), help="every row (default constant)")
+    r.add_argument("--batch-size", type=positive_int, help="override the preset's batch size")
+    r.add_argument("--adv-eps", type=positive_float, help="eps of the fast-AT rows (default 0.1)")
 
     t = sub.add_parser("train", help="train one model and write its checkpoint")
     common(t)
@@ -143,6 +164,27 @@ def build_parser():
     t.add_argument("--lr-schedule", choices=("constant", "cyclic"), default="constant",
                    help="cyclic: per step 0 -> lr at 2/5 of the epochs -> 0 (Wong et al. 2020)")
     t.add_argument("--train-subset", type=positive_int, help="use only the first N training images")
+
+    e = sub.add_parser("evaluate", help="honest robustness evaluation of checkpoints (every attack, checks, tests)")
+    e.add_argument("--checkpoint", action="append", metavar="NAME=PATH", help="a model (repeatable)")
+    e.add_argument("--from", dest="from_dir", metavar="DIR", help="every DIR/checkpoints/*.pt (a reproduce folder)")
+    e.add_argument("--surrogate", help="checkpoint of a separately trained model for the transfer attack")
+    e.add_argument("--baseline", help="the row the others are tested against (default: 'baseline' if given)")
+    e.add_argument("--out", required=True, help="folder for honest.md, honest.json, honest_accuracy_vs_eps.png")
+    e.add_argument("--preset", choices=("smoke", "default", "full"), default="default",
+                   help="attack sizes: smoke n=40 PGD-5; default n=500 PGD-40 x5 restarts, EOT 10 draws; "
+                   "full n=1000 PGD-50 x10 restarts, EOT 20 draws")
+    e.add_argument("--n", "--n-test", dest="n", type=positive_int, help="first N test images")
+    e.add_argument("--eps", type=honest_eps, help="comma-separated eps in [0, 1] (default 0,0.05,...,0.3,1)")
+    e.add_argument("--pgd-steps", type=positive_int)
+    e.add_argument("--pgd-alpha", type=positive_float, help="PGD step (default 2.5 eps / steps)")
+    e.add_argument("--restarts", type=positive_int)
+    e.add_argument("--eot-samples", type=positive_int)
+    e.add_argument("--no-mtest", action="store_true", help="skip the '[M_test]' rows of masked models")
+    e.add_argument("--seed", type=nonneg_int, default=0, help="attack random starts")
+    e.add_argument("--data-dir")
+    e.add_argument("--threads", type=positive_int, default=1, help=THREADS_HELP)
+    e.add_argument("--quiet", action="store_true")
 
     a = sub.add_parser("attack", help="evaluate a checkpoint under FGSM and PGD")
     a.add_argument("--checkpoint", required=True)
@@ -170,7 +212,25 @@ def cmd_reproduce(args):
         kw["rows"] = tuple(r.strip() for r in args.rows.split(",") if r.strip())
     kw.pop("eps", None)
     kw["progress"] = sys.stderr.isatty() and not args.quiet
-    run_reproduce(ReproduceConfig(**kw))
+    seeds = args.seeds or (3 if args.honest else 1)
+    if seeds == 1 and not args.honest:
+        run_reproduce(ReproduceConfig(**kw))
+        return
+    from . import honest
+    if args.honest:
+        honest.run_honest(ReproduceConfig(**kw), seeds=seeds)
+    else:
+        honest.reproduce_seeds(ReproduceConfig(**kw), seeds=seeds)
+
+
+def cmd_evaluate(args):
+    import torch
+    from . import honest
+    if args.out:
+        folder_arg(Path(args.out))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    honest.evaluate_command(args, log=(lambda *a: None) if args.quiet else print)
 
 
 def cmd_train(args):
@@ -261,7 +321,8 @@ def main(argv=None):
     try:
         args = build_parser().parse_args(argv)
         with distributed.launched():  # under torchrun: join the group, rank 0 prints; else nothing
-            {"reproduce": cmd_reproduce, "train": cmd_train, "attack": cmd_attack}[args.command](args)
+            {"reproduce": cmd_reproduce, "train": cmd_train, "attack": cmd_attack,
+             "evaluate": cmd_evaluate}[args.command](args)
     except CliError as e:
         print(one_line(e), file=sys.stderr)
         return 2
