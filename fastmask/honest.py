@@ -30,6 +30,7 @@ import torch
 
 from . import attacks as A
 from . import data as D
+from . import distributed
 from . import evaluate as E
 from . import models as M
 from . import stats
@@ -96,6 +97,8 @@ def _slug(row):
 
 
 def _atomic_torch(path, obj):
+    if not distributed.is_main():  # under torchrun rank 0 writes
+        return
     buf = io.BytesIO()
     torch.save(obj, buf)
     D.atomic_write_bytes(path, buf.getvalue())
@@ -193,6 +196,12 @@ def evaluate_models(models, x, y, out, *, settings=None, surrogate=None, baselin
 
 
 def _load_cache(path, key):
+    if distributed.enabled():  # rank 0 reads; every rank gets its answer (no shared folder needed)
+        return distributed.broadcast(_read_cache(path, key) if distributed.is_main() else None)
+    return _read_cache(path, key)
+
+
+def _read_cache(path, key):
     if not path.is_file():
         return None
     try:
@@ -222,7 +231,9 @@ def report_markdown(report):
              f"breaks it counts); transfer (PGD crafted on a separately trained surrogate"
              f"{'' if report['surrogate'] else ': not run, no surrogate'}); for rows masked at test time also "
              f"EOT-PGD ({s['eot_samples']} mask draws per step) and PGD against one frozen mask draw. "
-             "Robust accuracy: per sample, right on the clean input and under every attack. "
+             "Robust accuracy: per sample, right on the clean input and under every attack (rows masked at "
+             "test time score every attack with a fresh mask draw, so their worst case also holds the "
+             "defence's own randomness). "
              "eps = 1 holds every image, so every row must fall to ~0 there (a sanity check).", "",
              f"## Robust accuracy (%) vs eps; tests against `{report['baseline']}` at eps = {eps[k]:g}", "",
              "| row | clean | " + " | ".join(f"eps {e:g}" for e in eps)
@@ -245,6 +256,8 @@ def report_markdown(report):
 
 
 def write_report(report, out):
+    if not distributed.is_main():  # under torchrun rank 0 writes
+        return
     out = Path(out)
     D.atomic_write_bytes(out / "honest.md", report_markdown(report).encode())
     D.atomic_write_bytes(out / "honest.json", (json.dumps(_plain(report), indent=1) + "\n").encode())
@@ -401,9 +414,10 @@ def reproduce_seeds(cfg, seeds=3, log=print):
     out = {"config": c, "seeds": agg["seeds"], "aggregate": agg,
            "per_seed": {r["seed"]: {"out": str(Path(cfg.out) / f"seed_{r['seed']}"),
                                     "paper_eps": r["protocol"]["paper_eps"]} for r in per_seed}}
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    D.atomic_write_bytes(Path(cfg.out) / "table.md", seeds_markdown(agg, c).encode())
-    D.atomic_write_bytes(Path(cfg.out) / "results.json", (json.dumps(_plain(out), indent=1) + "\n").encode())
+    if distributed.is_main():  # under torchrun rank 0 writes
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        D.atomic_write_bytes(Path(cfg.out) / "table.md", seeds_markdown(agg, c).encode())
+        D.atomic_write_bytes(Path(cfg.out) / "results.json", (json.dumps(_plain(out), indent=1) + "\n").encode())
     log(f"wrote {cfg.out}/table.md and results.json ({seeds} seeds)")
     return out, per_seed
 
