@@ -39,6 +39,8 @@ def figures(o):
         return {k: figures(v) for k, v in o.items() if k not in NOT_FIGURES and "time" not in k}
     if isinstance(o, list):
         return [figures(v) for v in o]
+    if isinstance(o, float) and o != o:
+        return "NaN"  # NaN != NaN would make equal results compare unequal
     return o
 
 
