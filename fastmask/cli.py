@@ -198,7 +198,20 @@ def build_parser():
     a.add_argument("--data-dir")
     a.add_argument("--json", action="store_true", help="print the result as JSON")
     a.add_argument("--threads", type=positive_int, default=1, help=THREADS_HELP)
+    # `fastmask bench ARGS...` hands ARGS to `python -m benchmarks` untouched (see main)
+    sub.add_parser("bench", help="the benchmarks: python -m benchmarks ARGS (needs a source checkout)", add_help=False)
     return p
+
+
+def cmd_bench(args):
+    """`python -m benchmarks` from the source checkout this package runs from (benchmarks/ is not installed)."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "harness.py").is_file():
+        raise CliError(f"fastmask: error: fastmask bench needs a source checkout: no benchmarks/ next to {root / 'fastmask'}")
+    sys.path.insert(0, str(root))
+    import benchmarks
+    benchmarks.main(args.bench_args)
 
 
 def cmd_reproduce(args):
@@ -319,10 +332,14 @@ def main(argv=None):
     from .models import CheckpointError
     old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        args = build_parser().parse_args(argv)
+        argv = sys.argv[1:] if argv is None else list(argv)
+        if argv[:1] == ["bench"]:
+            args = argparse.Namespace(command="bench", bench_args=argv[1:])
+        else:
+            args = build_parser().parse_args(argv)
         with distributed.launched():  # under torchrun: join the group, rank 0 prints; else nothing
             {"reproduce": cmd_reproduce, "train": cmd_train, "attack": cmd_attack,
-             "evaluate": cmd_evaluate}[args.command](args)
+             "evaluate": cmd_evaluate, "bench": cmd_bench}[args.command](args)
     except CliError as e:
         print(one_line(e), file=sys.stderr)
         return 2

@@ -161,3 +161,9 @@ def test_entry_point_exit_code_and_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fastmask", "--help"], capture_output=True, text=True, env=env,
                        timeout=120)
     assert r.returncode == 0 and "reproduce" in r.stdout
+
+
+def test_bench_hands_its_arguments_to_the_benchmarks(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--help"])
+    assert e.value.code == 0 and "python -m benchmarks" in capsys.readouterr().out
