@@ -50,20 +50,21 @@ def honest_eps(text):
 
 
 def ratio(text):
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    v = _float(text)
     if not 0 <= v <= 1:
         raise argparse.ArgumentTypeError(f"{text!r} is outside [0, 1]")
     return v
 
 
-def positive_int(text):
+def _int(text):
     try:
-        v = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def positive_int(text):
+    v = _int(text)
     if v < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
     return v
@@ -94,10 +95,7 @@ def nonneg_float(text):
 
 
 def nonneg_int(text):
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    v = _int(text)
     if v < 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
     return v
