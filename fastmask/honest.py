@@ -235,7 +235,7 @@ def report_markdown(report):
              "test time score every attack with a fresh mask draw, so their worst case also holds the "
              "defence's own randomness). "
              "eps = 1 holds every image, so every row must fall to ~0 there (a sanity check).", "",
-             f"## Robust accuracy (%) vs eps; tests against `{report['baseline']}` at eps = {eps[k]:g}", "",
+             "## Robust accuracy (%) vs eps", "",
              "| row | clean | " + " | ".join(f"eps {e:g}" for e in eps)
              + f" | vs baseline at eps {eps[k]:g} (McNemar) | sanity checks |",
              "|---|---|" + "---|" * len(eps) + "---|---|"]
@@ -248,6 +248,17 @@ def report_markdown(report):
         lines.append(f"| {row} | {_pct(rob['clean_accuracy'])} | "
                      + " | ".join(_pct(a) for a in rob["robust_accuracy"]) + f" | {test} | "
                      + ("**FLAG: " + ", ".join(flags) + "**" if flags else "ok") + " |")
+    if report["baseline"] is not None:
+        lines += ["", f"## Against `{report['baseline']}`: robust accuracy difference (points), McNemar p, "
+                  "at every eps (**bold**: p < 0.05; a row is 'more robust' only there)", "",
+                  "| row | " + " | ".join(f"eps {e:g}" for e in eps) + " |", "|---" * (len(eps) + 1) + "|"]
+        for row, r in report["rows"].items():
+            if "vs_baseline" in r:
+                cells = []
+                for c in r["vs_baseline"]:
+                    t = f"{100 * c['delta']:+.1f} (p={c['p_value']:.2g})"
+                    cells.append(f"**{t}**" if c["significant"] else t)
+                lines.append(f"| {row} | " + " | ".join(cells) + " |")
     lines += ["", "## Every attack, per row", "", E.format_report(report)]
     about = report.get("about") or {}
     if about:
@@ -473,6 +484,8 @@ def parse_checkpoints(specs, from_dir=None):
         out[name] = Path(path)
     if not out:
         raise ValueError("no models: give --checkpoint NAME=PATH (repeatable) or --from DIR")
+    if "baseline" in out:  # first in every table
+        out = {"baseline": out.pop("baseline"), **out}
     return out
 
 
