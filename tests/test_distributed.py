@@ -190,5 +190,7 @@ def test_torchrun_killed_worker_stops_the_job(tmp_path):
         if p.poll() is None:
             p.kill()
     assert p.returncode != 0 and time.perf_counter() - t0 < 60
-    assert "SIGKILL" in rest and "rank 0 of 2 stopped" in rest
+    # rank 0 learns of the dead peer either from torchrun's stop or from gloo's broken
+    # connection, whichever comes first: either way one line names it (seen both ways)
+    assert "SIGKILL" in rest and ("rank 0 of 2 stopped" in rest or "rank 0 of 2 failed" in rest)
     assert not (tmp_path / "model.pt").exists()
