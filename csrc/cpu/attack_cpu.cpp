@@ -3,8 +3,10 @@
 #include <ATen/OpMathType.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "cpu_ops.h"
+#include "simd_loops.h"
 #include "fastmask/elementwise.h"
 
 namespace fastmask {
@@ -13,10 +15,9 @@ namespace cpu {
 #define FASTMASK_DISPATCH(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
-at::Tensor fgsm(const at::Tensor& x_in, const at::Tensor& g_in, double eps, double lo, double hi) {
-  check_fgsm_args(x_in, g_in, eps, lo, hi);
-  at::Tensor x = x_in.contiguous(), g = g_in.contiguous();
-  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+// y = fgsm(x, g) into the contiguous y (y may be x itself).
+static void fgsm_into(const at::Tensor& x, const at::Tensor& g, const at::Tensor& y, double eps,
+                      double lo, double hi) {
   FASTMASK_DISPATCH(x.scalar_type(), "fgsm", [&] {
     using T = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -24,11 +25,31 @@ at::Tensor fgsm(const at::Tensor& x_in, const at::Tensor& g_in, double eps, doub
     scalar_t* yp = y.data_ptr<scalar_t>();
     const T e = (T)eps, l = (T)lo, h = (T)hi;
     at::parallel_for(0, x.numel(), kGrain, [&](int64_t b, int64_t end) {
-      for (int64_t k = b; k < end; ++k)
-        yp[k] = (scalar_t)fgsm_elem<T>((T)xp[k], (T)gp[k], e, l, h);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        fgsm_f32(f32(xp) + b, f32(gp) + b, f32(yp) + b, end - b, e, l, h);
+      } else {
+        for (int64_t k = b; k < end; ++k)
+          yp[k] = (scalar_t)fgsm_elem<T>((T)xp[k], (T)gp[k], e, l, h);
+      }
     });
   });
+}
+
+at::Tensor fgsm(const at::Tensor& x_in, const at::Tensor& g_in, double eps, double lo, double hi) {
+  check_fgsm_args(x_in, g_in, eps, lo, hi);
+  at::Tensor x = x_in.contiguous(), g = g_in.contiguous();
+  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  fgsm_into(x, g, y, eps, lo, hi);
   return y;
+}
+
+void fgsm_out(const at::Tensor& x_in, const at::Tensor& g_in, double eps, double lo, double hi,
+              const at::Tensor& out) {
+  check_fgsm_args(x_in, g_in, eps, lo, hi);
+  check_out(x_in, out);
+  if (out.numel() == 0) return;
+  at::Tensor x = x_in.contiguous(), g = g_in.contiguous();
+  write_out(out, x, true, {g}, [&](const at::Tensor& y) { fgsm_into(x, g, y, eps, lo, hi); });
 }
 
 // L2 step per sample (rows of length D), in three passes over the data: ||g_n||,
@@ -85,8 +106,12 @@ static void pgd_into(const at::Tensor& xa, const at::Tensor& xn, const at::Tenso
     }
     const T a = (T)alpha, e = (T)eps, l = (T)lo, h = (T)hi;
     at::parallel_for(0, xa.numel(), kGrain, [&](int64_t b, int64_t end) {
-      for (int64_t k = b; k < end; ++k)
-        yp[k] = (scalar_t)pgd_inf_elem<T>((T)ap[k], (T)np[k], (T)gp[k], a, e, l, h);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        pgd_inf_f32(f32(ap) + b, f32(np) + b, f32(gp) + b, f32(yp) + b, end - b, a, e, l, h);
+      } else {
+        for (int64_t k = b; k < end; ++k)
+          yp[k] = (scalar_t)pgd_inf_elem<T>((T)ap[k], (T)np[k], (T)gp[k], a, e, l, h);
+      }
     });
   });
 }
@@ -142,12 +167,10 @@ static void random_start_l2_kernel(const scalar_t* x, scalar_t* y, int64_t N, in
   });
 }
 
-at::Tensor random_start(const at::Tensor& x_in, double eps, int64_t seed, int64_t offset,
-                        std::string_view norm, double lo, double hi) {
-  bool l2 = check_random_start_args(x_in, eps, norm, lo, hi);
-  at::Tensor x = x_in.contiguous();
-  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
-  if (x.numel() == 0) return y;
+// y = random_start(x) into the contiguous y (y may be x itself).
+static void random_start_into(const at::Tensor& x, const at::Tensor& y, double eps, int64_t seed,
+                              int64_t offset, bool l2, double lo, double hi) {
+  if (x.numel() == 0) return;
   const uint64_t s = as_u64(seed), o = as_u64(offset);
   FASTMASK_DISPATCH(x.scalar_type(), "random_start", [&] {
     using T = at::opmath_type<scalar_t>;
@@ -164,12 +187,34 @@ at::Tensor random_start(const at::Tensor& x_in, double eps, int64_t seed, int64_
       for (int64_t k = b; k < end; k += kWordChunk) {
         int64_t len = std::min(kWordChunk, end - k);
         philox_words(s, o, (uint64_t)k, len, words);
-        for (int64_t t = 0; t < len; ++t)
-          yp[k + t] = (scalar_t)random_start_inf_elem<T>((T)xp[k + t], words[t], e, l, h);
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          random_start_inf_f32(f32(xp) + k, words, f32(yp) + k, len, e, l, h);
+        } else {
+          for (int64_t t = 0; t < len; ++t)
+            yp[k + t] = (scalar_t)random_start_inf_elem<T>((T)xp[k + t], words[t], e, l, h);
+        }
       }
     });
   });
+}
+
+at::Tensor random_start(const at::Tensor& x_in, double eps, int64_t seed, int64_t offset,
+                        std::string_view norm, double lo, double hi) {
+  bool l2 = check_random_start_args(x_in, eps, norm, lo, hi);
+  at::Tensor x = x_in.contiguous();
+  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  random_start_into(x, y, eps, seed, offset, l2, lo, hi);
   return y;
+}
+
+void random_start_out(const at::Tensor& x_in, double eps, int64_t seed, int64_t offset,
+                      std::string_view norm, double lo, double hi, const at::Tensor& out) {
+  bool l2 = check_random_start_args(x_in, eps, norm, lo, hi);
+  check_out(x_in, out);
+  at::Tensor x = x_in.contiguous();
+  write_out(out, x, true, {}, [&](const at::Tensor& y) {
+    random_start_into(x, y, eps, seed, offset, l2, lo, hi);
+  });
 }
 
 }  // namespace cpu

@@ -20,6 +20,41 @@ struct Chunk {
   int64_t t;     // tensor index
   int64_t b, e;  // element range [b, e) inside the tensor
 };
+
+template <typename T>
+struct UpdateArgs {
+  T scale, clip, beta;
+  const T* noise;  // noise_std * z_k of the piece, already in the math type
+};
+
+// One piece of pass 2 with the steps fixed at compile time, so that the loop has no
+// branches and vectorizes; the per-element math is grad_clip_noise_elem /
+// grad_smooth_elem, as on CUDA.
+template <typename scalar_t, typename T, bool kScale, bool kClip, bool kNoise, bool kSmooth>
+void update_piece(scalar_t* p, scalar_t* sp, int64_t len, const UpdateArgs<T>& a) {
+  for (int64_t t = 0; t < len; ++t) {
+    T v = grad_clip_noise_elem<T>((T)p[t], a.scale, kScale, a.clip, kClip,
+                                  kNoise ? (double)a.noise[t] : 0.0, kNoise);
+    if constexpr (kSmooth) {
+      v = grad_smooth_elem<T>((T)sp[t], v, a.beta);
+      sp[t] = (scalar_t)v;
+    }
+    p[t] = (scalar_t)v;
+  }
+}
+
+template <typename scalar_t, typename T>
+using UpdateFn = void (*)(scalar_t*, scalar_t*, int64_t, const UpdateArgs<T>&);
+
+template <typename scalar_t, typename T>
+UpdateFn<scalar_t, T> pick_update(bool scale, bool clip, bool noise, bool smooth) {
+  static constexpr UpdateFn<scalar_t, T> table[16] = {
+#define FM_U(i) &update_piece<scalar_t, T, bool((i) & 8), bool((i) & 4), bool((i) & 2), bool((i) & 1)>
+      FM_U(0), FM_U(1), FM_U(2),  FM_U(3),  FM_U(4),  FM_U(5),  FM_U(6),  FM_U(7),
+      FM_U(8), FM_U(9), FM_U(10), FM_U(11), FM_U(12), FM_U(13), FM_U(14), FM_U(15)};
+#undef FM_U
+  return table[(scale ? 8 : 0) | (clip ? 4 : 0) | (noise ? 2 : 0) | (smooth ? 1 : 0)];
+}
 }  // namespace
 
 at::Tensor grad_clip_noise_(at::TensorList grads, std::optional<double> max_norm,
@@ -70,29 +105,23 @@ at::Tensor grad_clip_noise_(at::TensorList grads, std::optional<double> max_norm
   if (do_scale || do_clip || do_noise || smooth) {
     at::parallel_for(0, nchunks, grain, [&](int64_t cb, int64_t ce) {
       float z[kWordChunk];
-      double noise[kWordChunk];
       for (int64_t c = cb; c < ce; ++c) {
         const Chunk ch = chunks[c];
         FASTMASK_DISPATCH_GRAD(g[ch.t].scalar_type(), [&] {
           using T = at::opmath_type<scalar_t>;
+          T noise[kWordChunk];
           scalar_t* p = g[ch.t].data_ptr<scalar_t>();
           scalar_t* sp = smooth ? s[ch.t].data_ptr<scalar_t>() : nullptr;
-          const T sc = (T)scale, cl = (T)clip, bt = (T)beta;
+          const UpdateArgs<T> a{(T)scale, (T)clip, (T)beta, noise};
+          const UpdateFn<scalar_t, T> update = pick_update<scalar_t, T>(do_scale, do_clip, do_noise, smooth);
           for (int64_t k = ch.b; k < ch.e; k += kWordChunk) {
             int64_t len = std::min(kWordChunk, ch.e - k);
             if (do_noise) {
               philox_normals(sd, off, (uint64_t)(base[ch.t] + k), len, z);
-              for (int64_t t = 0; t < len; ++t) noise[t] = noise_std * (double)z[t];
+              // noise_std * z in float64, rounded once to the math type (docs/ops.md)
+              for (int64_t t = 0; t < len; ++t) noise[t] = (T)(noise_std * (double)z[t]);
             }
-            for (int64_t t = 0; t < len; ++t) {
-              T v = grad_clip_noise_elem<T>((T)p[k + t], sc, do_scale, cl, do_clip,
-                                            do_noise ? noise[t] : 0.0, do_noise);
-              if (smooth) {
-                v = grad_smooth_elem<T>((T)sp[k + t], v, bt);
-                sp[k + t] = (scalar_t)v;
-              }
-              p[k + t] = (scalar_t)v;
-            }
+            update(p + k, sp ? sp + k : nullptr, len, a);
           }
         });
       }

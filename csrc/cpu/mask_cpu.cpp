@@ -3,6 +3,9 @@
 #include <ATen/OpMathType.h>
 
 #include "cpu_ops.h"
+#include "simd_loops.h"
+
+#include <type_traits>
 
 namespace fastmask {
 namespace cpu {
@@ -122,9 +125,13 @@ static void mask_apply_kernel(const scalar_t* x, scalar_t* y, const MaskParams& 
         scalar_t* yj = yp + j;
         const scalar_t f = fill_s;
         const uint32_t thr = p.threshold;
-        for (int64_t t = 0; t < len; ++t) {
-          const scalar_t xv = xj[t];  // unconditional load: the select vectorizes
-          yj[t] = philox_keep(words[t], thr) ? xv : f;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          mask_pixel_f32(f32(xj), words, f32(yj), len, thr, (float)f);
+        } else {
+          for (int64_t t = 0; t < len; ++t) {
+            const scalar_t xv = xj[t];  // unconditional load: the select vectorizes
+            yj[t] = philox_keep(words[t], thr) ? xv : f;
+          }
         }
       } else {
         for (int64_t t = 0; t < len; ++t) {
@@ -189,6 +196,13 @@ static MaskParams mask_params_for(const at::Tensor& x, const char* name, double 
   return make_mask_params(x.sizes(), ratio, seed, offset, mode, scope, channels);
 }
 
+static void mask_apply_into(const at::Tensor& x, const at::Tensor& y, const MaskParams& p,
+                            double fill) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mask_apply", [&] {
+    mask_apply_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), p, fill);
+  });
+}
+
 at::Tensor mask_apply(const at::Tensor& x_in, double ratio, int64_t seed, int64_t offset,
                       std::string_view mode, std::string_view scope,
                       std::string_view channels, double fill) {
@@ -196,10 +210,24 @@ at::Tensor mask_apply(const at::Tensor& x_in, double ratio, int64_t seed, int64_
   at::Tensor x = x_in.contiguous();
   if (ratio == 0.0 || x.numel() == 0) return x.clone(at::MemoryFormat::Contiguous);
   at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mask_apply", [&] {
-    mask_apply_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), p, fill);
-  });
+  mask_apply_into(x, y, p, fill);
   return y;
+}
+
+void mask_apply_out(const at::Tensor& x_in, double ratio, int64_t seed, int64_t offset,
+                    std::string_view mode, std::string_view scope, std::string_view channels,
+                    double fill, const at::Tensor& out) {
+  MaskParams p = mask_params_for(x_in, "x", ratio, seed, offset, mode, scope, channels);
+  check_out(x_in, out);
+  if (out.numel() == 0) return;
+  if (ratio == 0.0) {
+    if (!out.is_same(x_in)) out.copy_(x_in);
+    return;
+  }
+  at::Tensor x = x_in.contiguous();
+  // blur reads the 3x3 neighbourhood of x, so it never writes over x
+  write_out(out, x, p.spec.mode != MaskMode::Blur, {},
+            [&](const at::Tensor& y) { mask_apply_into(x, y, p, fill); });
 }
 
 at::Tensor mask_apply_backward(const at::Tensor& grad_in, double ratio, int64_t seed,

@@ -1,0 +1,27 @@
+// float32 inner loops with run-time ISA selection (csrc/cpu/simd_loops.cpp).
+// y may alias the first input (x / x_adv): every element is read before it is written.
+#pragma once
+
+#include <cstdint>
+
+namespace fastmask {
+namespace cpu {
+
+// The kernels call these under `if constexpr (std::is_same_v<scalar_t, float>)` inside
+// AT_DISPATCH lambdas, where the other branch is still compiled: f32 makes the pointer
+// types agree (it is only reached for float).
+template <typename S>
+inline const float* f32(const S* p) { return reinterpret_cast<const float*>(p); }
+template <typename S>
+inline float* f32(S* p) { return reinterpret_cast<float*>(p); }
+
+void fgsm_f32(const float* x, const float* g, float* y, int64_t n, float eps, float lo, float hi);
+void pgd_inf_f32(const float* xa, const float* xn, const float* g, float* y, int64_t n,
+                 float alpha, float eps, float lo, float hi);
+void random_start_inf_f32(const float* x, const uint32_t* w, float* y, int64_t n, float eps,
+                          float lo, float hi);
+void mask_pixel_f32(const float* x, const uint32_t* w, float* y, int64_t n, uint32_t threshold,
+                    float fill);
+
+}  // namespace cpu
+}  // namespace fastmask
