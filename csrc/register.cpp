@@ -78,6 +78,36 @@ at::Tensor grad_clip_noise_any(at::TensorList grads, std::optional<double> max_n
   return at::zeros({}, at::kFloat);
 }
 
+template <typename Fn>
+static auto typed_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+}
+
+void mask_apply_out_any(const at::Tensor& x, double ratio, int64_t seed, int64_t offset,
+                        c10::string_view mode, c10::string_view scope, c10::string_view channels,
+                        double fill, const at::Tensor& out) {
+  check_out(x, out);
+  static auto op = typed_op<at::Tensor(const at::Tensor&, double, int64_t, int64_t, c10::string_view,
+                                       c10::string_view, c10::string_view, double)>("fastmask::mask_apply");
+  out.copy_(op.call(x, ratio, seed, offset, mode, scope, channels, fill));
+}
+
+void fgsm_out_any(const at::Tensor& x, const at::Tensor& grad, double eps, double lo, double hi,
+                  const at::Tensor& out) {
+  check_out(x, out);
+  static auto op = typed_op<at::Tensor(const at::Tensor&, const at::Tensor&, double, double, double)>(
+      "fastmask::fgsm");
+  out.copy_(op.call(x, grad, eps, lo, hi));
+}
+
+void random_start_out_any(const at::Tensor& x, double eps, int64_t seed, int64_t offset,
+                          c10::string_view norm, double lo, double hi, const at::Tensor& out) {
+  check_out(x, out);
+  static auto op = typed_op<at::Tensor(const at::Tensor&, double, int64_t, int64_t, c10::string_view,
+                                       double, double)>("fastmask::random_start");
+  out.copy_(op.call(x, eps, seed, offset, norm, lo, hi));
+}
+
 }  // namespace fastmask
 
 TORCH_LIBRARY(fastmask, m) {
@@ -95,6 +125,13 @@ TORCH_LIBRARY(fastmask, m) {
         "float lo, float hi, str norm) -> ()");
   m.def("random_start(Tensor x, float eps, int seed, int offset, str norm, float lo, "
         "float hi) -> Tensor");
+  // `mask_mode`, not `mode`: torch's functionalization of mutating ops passes its own
+  // `mode` argument and breaks on an op argument of that name (torch.compile, opcheck).
+  m.def("mask_apply_out(Tensor x, float ratio, int seed, int offset, str mask_mode, str scope, "
+        "str channels, float fill, Tensor(a!) out) -> ()");
+  m.def("fgsm_out(Tensor x, Tensor grad, float eps, float lo, float hi, Tensor(a!) out) -> ()");
+  m.def("random_start_out(Tensor x, float eps, int seed, int offset, str norm, float lo, "
+        "float hi, Tensor(a!) out) -> ()");
   m.def("grad_clip_noise_(Tensor(a!)[] grads, float? max_norm, float noise_std, int seed, "
         "int offset, float? clip_value, float? smoothing, Tensor(b!)[] state) -> Tensor");
 }
@@ -103,6 +140,11 @@ TORCH_LIBRARY_IMPL(fastmask, CompositeExplicitAutograd, m) {
   m.impl("philox", &fastmask::philox);
   m.impl("mask_generate", &fastmask::mask_generate);
   m.impl("grad_clip_noise_", &fastmask::grad_clip_noise_any);
+  // out= variants on devices without a dedicated kernel (CUDA, meta): the functional
+  // op, then a copy. On CUDA the caching allocator makes the extra output cheap.
+  m.impl("mask_apply_out", &fastmask::mask_apply_out_any);
+  m.impl("fgsm_out", &fastmask::fgsm_out_any);
+  m.impl("random_start_out", &fastmask::random_start_out_any);
 }
 
 TORCH_LIBRARY_IMPL(fastmask, CPU, m) {
@@ -113,6 +155,9 @@ TORCH_LIBRARY_IMPL(fastmask, CPU, m) {
   m.impl("pgd_step_", &fastmask::cpu::pgd_step_);
   m.impl("random_start", &fastmask::cpu::random_start);
   m.impl("grad_clip_noise_", &fastmask::cpu::grad_clip_noise_);
+  m.impl("mask_apply_out", &fastmask::cpu::mask_apply_out);
+  m.impl("fgsm_out", &fastmask::cpu::fgsm_out);
+  m.impl("random_start_out", &fastmask::cpu::random_start_out);
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -157,6 +157,19 @@ def _writable(name: str, t: Tensor) -> Tensor:
     return t
 
 
+def _out(out, x: Tensor) -> Tensor:
+    """The out= tensor of fgsm / mask_apply / random_start: like x, writable, and not
+    part of an autograd graph (as for torch's own out= functions)."""
+    if not isinstance(out, Tensor):
+        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+    _like("out", out, "x", x)
+    _writable("out", out)
+    if torch.is_grad_enabled() and (out.requires_grad or x.requires_grad):
+        raise ValueError("out= does not support autograd: x or out requires grad; call it under "
+                         "torch.no_grad() or without out=")
+    return out
+
+
 def _mask_args(ratio, mode, scope, channels):
     return (_ratio(ratio), _choice("mode", mode, MODES), _choice("scope", scope, SCOPES),
             _choice("channels", channels, CHANNELS))
@@ -210,7 +223,7 @@ def _mask_apply_int(x, ratio, seed, offset, mode, scope, channels, fill):
 
 def mask_apply(x: Tensor, ratio: float, *, seed: int, offset: Union[int, Tensor] = 0,
                mode: str = "pixel", scope: str = "sample", channels: str = "shared",
-               fill: float = 0.0) -> Tensor:
+               fill: float = 0.0, out: Optional[Tensor] = None) -> Tensor:
     """Mask the N x C x H x W input x with the mask of (seed, offset).
 
     pixel/block: masked elements are set to `fill`; blur: replaced by the mean of
@@ -218,6 +231,8 @@ def mask_apply(x: Tensor, ratio: float, *, seed: int, offset: Union[int, Tensor]
     Differentiable w.r.t. x (the backward regenerates the mask, nothing is stored).
     `offset` may be an int in [0, 2^64) or a 0-d integer tensor (read as int64 two's
     complement), which lets torch.compile trace one graph for every offset.
+    out: write the result into this tensor (shape, dtype and device of x; may be x
+    itself) and return it: no new allocation, no autograd.
     """
     _float_tensor("x", x)
     if x.dim() != 4:
@@ -225,6 +240,16 @@ def mask_apply(x: Tensor, ratio: float, *, seed: int, offset: Union[int, Tensor]
     ratio, mode, scope, channels = _mask_args(ratio, mode, scope, channels)
     seed = _u64("seed", seed)
     fill = _fill(fill)
+    if out is not None:
+        _out(out, x)
+        if isinstance(offset, Tensor):
+            raise TypeError("out= takes an int offset, not a tensor")
+        offset = _u64("offset", offset)
+        if _use_ext:
+            torch.ops.fastmask.mask_apply_out(x, ratio, seed, offset, mode, scope, channels, fill, out)
+        else:
+            out.copy_(reference.mask_apply(x, ratio, seed, offset, mode, scope, channels, fill))
+        return out
     if isinstance(offset, Tensor):
         if offset.dim() != 0 or offset.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"offset tensor must be a 0-d int64 or int32 tensor, got shape "
@@ -235,13 +260,22 @@ def mask_apply(x: Tensor, ratio: float, *, seed: int, offset: Union[int, Tensor]
     return _mask_apply_int(x, ratio, seed, _u64("offset", offset), mode, scope, channels, fill)
 
 
-def fgsm(x: Tensor, grad: Tensor, eps: float, lo: float = 0.0, hi: float = 1.0) -> Tensor:
-    """y = clamp(x + eps * sign(grad), lo, hi), with sign(0) = sign(NaN) = 0."""
+def fgsm(x: Tensor, grad: Tensor, eps: float, lo: float = 0.0, hi: float = 1.0, *,
+         out: Optional[Tensor] = None) -> Tensor:
+    """y = clamp(x + eps * sign(grad), lo, hi), with sign(0) = sign(NaN) = 0.
+    out: write y into this tensor (like x; may be x itself) and return it."""
     _float_tensor("x", x)
     _like("grad", grad, "x", x)
     eps = _eps(eps)
     lo, hi = _bounds(lo, hi)
     x, grad = x.detach(), grad.detach()
+    if out is not None:
+        _out(out, x)
+        if _use_ext:
+            torch.ops.fastmask.fgsm_out(x, grad, eps, lo, hi, out)
+        else:
+            out.copy_(reference.fgsm(x, grad, eps, lo, hi))
+        return out
     if _use_ext:
         return torch.ops.fastmask.fgsm(x, grad, eps, lo, hi)
     return reference.fgsm(x, grad, eps, lo, hi)
@@ -289,9 +323,10 @@ def pgd_step_(x_adv: Tensor, x_nat: Tensor, grad: Tensor, alpha: float, eps: flo
 
 
 def random_start(x: Tensor, eps: float, *, seed: int, offset: int = 0, norm: str = "inf",
-                 lo: float = 0.0, hi: float = 1.0) -> Tensor:
+                 lo: float = 0.0, hi: float = 1.0, out: Optional[Tensor] = None) -> Tensor:
     """x plus a uniform random point of the eps-ball (L-inf cube or, per sample, L2 ball),
-    clamped to [lo, hi]."""
+    clamped to [lo, hi]. out: write the result into this tensor (like x; may be x
+    itself) and return it."""
     _float_tensor("x", x)
     eps = _eps(eps)
     seed, offset = _u64("seed", seed), _u64("offset", offset)
@@ -300,6 +335,13 @@ def random_start(x: Tensor, eps: float, *, seed: int, offset: int = 0, norm: str
     if norm == "2" and x.dim() == 0:
         raise ValueError("x must have a batch dimension (dim 0) for norm '2', got a 0-d tensor")
     x = x.detach()
+    if out is not None:
+        _out(out, x)
+        if _use_ext:
+            torch.ops.fastmask.random_start_out(x, eps, seed, offset, norm, lo, hi, out)
+        else:
+            out.copy_(reference.random_start(x, eps, seed, offset, norm, lo, hi))
+        return out
     if _use_ext:
         return torch.ops.fastmask.random_start(x, eps, seed, offset, norm, lo, hi)
     return reference.random_start(x, eps, seed, offset, norm, lo, hi)
@@ -458,6 +500,18 @@ def _register_extension_kernels() -> None:
     @fake("random_start")
     def _(x, eps, seed, offset, norm, lo, hi):
         return x.new_empty(x.shape)
+
+    @fake("mask_apply_out")
+    def _(x, ratio, seed, offset, mask_mode, scope, channels, fill, out):
+        return None
+
+    @fake("fgsm_out")
+    def _(x, grad, eps, lo, hi, out):
+        return None
+
+    @fake("random_start_out")
+    def _(x, eps, seed, offset, norm, lo, hi, out):
+        return None
 
     @fake("grad_clip_noise_")
     def _(grads, max_norm, noise_std, seed, offset, clip_value, smoothing, state):

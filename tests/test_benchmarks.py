@@ -89,16 +89,22 @@ def test_ops_verify_catches_a_wrong_op():
     x = torch.rand(4, 1, 8, 8)
     g = torch.randn(4, 1, 8, 8)
     x_nat = torch.rand(4, 1, 8, 8)
-    assert len(bench_ops.verify(ops, x, g, x_nat)) == 4
+    assert len(bench_ops.verify(ops, x, g, x_nat)) == 5
     broken = types.SimpleNamespace(**{k: getattr(ops, k) for k in
                                       ("fgsm", "pgd_step_", "mask_apply", "random_start")})
-    broken.fgsm = lambda x, g, eps, lo, hi: ops.fgsm(x, g, eps * 0.5, lo, hi)
+    broken.fgsm = lambda x, g, eps, lo, hi, **kw: ops.fgsm(x, g, eps * 0.5, lo, hi, **kw)
     with pytest.raises(AssertionError, match="fgsm"):
         bench_ops.verify(broken, x, g, x_nat)
     broken = types.SimpleNamespace(**{k: getattr(ops, k) for k in
                                       ("fgsm", "pgd_step_", "mask_apply", "random_start")})
     broken.pgd_step_ = lambda xa, xn, g, a, e, lo, hi, norm: ops.pgd_step_(xa, xn, -g, a, e, lo, hi, norm)
     with pytest.raises(AssertionError, match="pgd_step_"):
+        bench_ops.verify(broken, x, g, x_nat)
+    broken = types.SimpleNamespace(**{k: getattr(ops, k) for k in
+                                      ("fgsm", "pgd_step_", "mask_apply", "random_start")})
+    broken.random_start = lambda x, eps, out=None, **kw: (
+        ops.random_start(x, eps, **kw) if out is None else out.copy_(x))  # out= ignores the op
+    with pytest.raises(AssertionError, match="random_start out="):
         bench_ops.verify(broken, x, g, x_nat)
 
 

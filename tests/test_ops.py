@@ -590,3 +590,80 @@ def test_opcheck_offset_tensor_op():
     torch.library.opcheck(torch.ops.fastmask_py.mask_apply_at.default, args)
     torch.library.opcheck(torch.ops.fastmask_py.mask_apply_backward_at.default,
                           (x.detach(), 0.4, 3, torch.tensor(5), "blur", "sample", "shared"))
+
+
+# ------------------------------------------------------------------ out= variants
+
+OUT_CASES = [
+    ("fgsm", lambda x, g, **kw: ops.fgsm(x, g, 0.1, **kw)),
+    ("random_start inf", lambda x, g, **kw: ops.random_start(x, 0.1, seed=3, offset=5, **kw)),
+    ("random_start 2", lambda x, g, **kw: ops.random_start(x, 0.5, seed=3, offset=5, norm="2", **kw)),
+] + [(f"mask_apply {m}", (lambda m: lambda x, g, **kw: ops.mask_apply(
+    x, 0.3, seed=7, offset=2, mode=m, fill=0.25, **kw))(m)) for m in MODES]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("name,fn", OUT_CASES, ids=[c[0] for c in OUT_CASES])
+def test_out_variants_equal_the_functional_op(backend, dtype, name, fn):
+    x = rand((3, 2, 6, 5), dtype)
+    g = with_special(randn(x.shape, dtype, seed=1))
+    want = fn(x, g)
+    out = torch.full_like(x, 9.0)
+    assert fn(x, g, out=out) is out
+    same(out, want)
+    # non-contiguous out, and out = x itself (in place)
+    wide = torch.full((3, 2, 6, 10), 9.0, dtype=dtype)
+    nc = wide[..., ::2]
+    fn(x, g, out=nc)
+    same(nc, want)
+    assert (wide[..., 1::2] == 9.0).all()  # nothing written between the strided elements
+    y = x.clone()
+    fn(y, g, out=y)
+    same(y, want)
+
+
+def test_out_overlapping_grad_goes_through_a_temporary(backend):
+    x = rand((2, 3, 4, 4))
+    g = randn(x.shape, seed=1)
+    want = ops.fgsm(x, g, 0.1)
+    ops.fgsm(x, g, 0.1, out=g)  # out is the gradient: read before written
+    same(g, want)
+
+
+def test_out_bad_arguments(backend):
+    x = rand((2, 3, 4, 4))
+    g = randn(x.shape, seed=1)
+    with pytest.raises(ValueError, match=r"out must have the shape of x \(2, 3, 4, 4\), got \(3,\)"):
+        ops.fgsm(x, g, 0.1, out=torch.empty(3))
+    with pytest.raises(ValueError, match="out must have the dtype of x"):
+        ops.random_start(x, 0.1, seed=1, out=torch.empty(x.shape, dtype=torch.float64))
+    with pytest.raises(TypeError, match="out must be a torch.Tensor or None, got list"):
+        ops.mask_apply(x, 0.3, seed=1, out=[])
+    with pytest.raises(ValueError, match="out has internally overlapping memory"):
+        ops.mask_apply(x, 0.3, seed=1, out=torch.zeros(1, 1, 1, 1).expand(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="out= does not support autograd"):
+        ops.mask_apply(x.clone().requires_grad_(), 0.3, seed=1, out=torch.empty_like(x))
+    with torch.no_grad():  # allowed without a graph
+        ops.mask_apply(x.clone().requires_grad_(), 0.3, seed=1, out=torch.empty_like(x))
+
+
+@needs_ext
+def test_out_ops_check_their_arguments_in_cpp():
+    x = rand((2, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"out must have the shape of x \[2, 3, 4, 4\], got \[3\]"):
+        torch.ops.fastmask.fgsm_out(x, x, 0.1, 0.0, 1.0, torch.empty(3))
+    with pytest.raises(ValueError, match="ratio must be in"):
+        torch.ops.fastmask.mask_apply_out(x, 1.5, 1, 0, "pixel", "sample", "shared", 0.0, x.clone())
+
+
+@needs_ext
+def test_opcheck_out_ops():
+    fm = torch.ops.fastmask
+    x = rand((2, 3, 5, 4))
+    g = randn(x.shape, seed=1)
+    cases = [(fm.fgsm_out.default, (x, g, 0.1, 0.0, 1.0, torch.empty_like(x))),
+             (fm.random_start_out.default, (x, 0.1, 1, 2, "2", 0.0, 1.0, torch.empty_like(x)))]
+    cases += [(fm.mask_apply_out.default, (x, 0.4, 3, 4, m, "sample", "shared", 0.5, torch.empty_like(x)))
+              for m in MODES]
+    for op, args in cases:
+        torch.library.opcheck(op, args)

@@ -3,9 +3,11 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <initializer_list>
 #include <optional>
 #include <string_view>
 #include <vector>
@@ -31,12 +33,44 @@ void pgd_step_(const at::Tensor& x_adv, const at::Tensor& x_nat, const at::Tenso
                double alpha, double eps, double lo, double hi, std::string_view norm);
 at::Tensor random_start(const at::Tensor& x, double eps, int64_t seed, int64_t offset,
                         std::string_view norm, double lo, double hi);
+// out= variants: the result written into `out` (shape, dtype and device of x). out may
+// be x itself; any other overlap with an input goes through a temporary.
+void mask_apply_out(const at::Tensor& x, double ratio, int64_t seed, int64_t offset,
+                    std::string_view mode, std::string_view scope, std::string_view channels,
+                    double fill, const at::Tensor& out);
+void fgsm_out(const at::Tensor& x, const at::Tensor& grad, double eps, double lo, double hi,
+              const at::Tensor& out);
+void random_start_out(const at::Tensor& x, double eps, int64_t seed, int64_t offset,
+                      std::string_view norm, double lo, double hi, const at::Tensor& out);
 at::Tensor grad_clip_noise_(at::TensorList grads, std::optional<double> max_norm,
                             double noise_std, int64_t seed, int64_t offset,
                             std::optional<double> clip_value, std::optional<double> smoothing,
                             at::TensorList state);
 
 // ---- helpers ----
+
+// Calls write(y) with y = out itself when out is contiguous and shares no memory with
+// the inputs, or is exactly x (`x_ok`: the kernel reads element k of x before writing
+// element k of y); otherwise with a fresh contiguous y, copied into out afterwards.
+template <typename F>
+inline void write_out(const at::Tensor& out, const at::Tensor& x, bool x_ok,
+                      std::initializer_list<at::Tensor> others, const F& write) {
+  bool direct = out.is_contiguous();
+  if (direct) {
+    const at::MemOverlapStatus sx = at::get_overlap_status(out, x);
+    direct = sx == at::MemOverlapStatus::No ||
+             (x_ok && sx == at::MemOverlapStatus::Full && x.is_contiguous());
+  }
+  for (const at::Tensor& t : others)
+    direct = direct && at::get_overlap_status(out, t) == at::MemOverlapStatus::No;
+  if (direct) {
+    write(out);
+  } else {
+    at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+    write(y);
+    out.copy_(y);
+  }
+}
 
 constexpr int64_t kGrain = 16384;     // elements per parallel task (at least)
 constexpr int64_t kWordChunk = 1024;  // Philox words buffered per inner loop

@@ -94,6 +94,12 @@ inline void check_writable(const at::Tensor& t, const char* name) {
                     t.strides(), ") and cannot be written in place; pass a .clone()");
 }
 
+// `out` of an out= variant: like x (shape, dtype, device) and writable.
+inline void check_out(const at::Tensor& x, const at::Tensor& out) {
+  check_like(x, "x", out, "out");
+  check_writable(out, "out");
+}
+
 inline void check_4d(const at::Tensor& x, const char* name) {
   TORCH_CHECK_VALUE(x.dim() == 4, name, " must be 4-D (N, C, H, W), got shape ", x.sizes());
 }
