@@ -6,9 +6,9 @@ its value), then calls `torch.ops.fastmask.*` from the compiled extension
 reference in fastmask/reference.py. The exact semantics are in docs/ops.md.
 
 When the extension is loaded this module also registers fake kernels for every op
-(torch.compile, torch.library.opcheck) and the autograd formula of mask_apply: its
-backward regenerates the mask from (seed, offset) with mask_apply_backward; nothing
-is stored. In fallback mode the reference is plain torch, so autograd and
+(torch.compile, torch.library.opcheck). The autograd of mask_apply is C++
+(csrc/autograd.cpp): its backward regenerates the mask from (seed, offset) with
+mask_apply_backward; nothing is stored. In fallback mode the reference is plain torch, so autograd and
 torch.compile work natively.
 
 Seeds and offsets are integers in [0, 2^64). `mask_apply` also takes the offset as
@@ -520,16 +520,7 @@ def _register_extension_kernels() -> None:
         dtype = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
         return grads[0].new_empty((), dtype=dtype)
 
-    def backward(ctx, g):
-        gx = torch.ops.fastmask.mask_apply_backward(g, *ctx.args)
-        return (gx,) + (None,) * 7
-
-    def double_backward(ctx, gg):
-        return (torch.ops.fastmask.mask_apply(gg, *ctx.args, 0.0),) + (None,) * 6
-
-    torch.library.register_autograd("fastmask::mask_apply", backward, setup_context=_at_setup)
-    torch.library.register_autograd("fastmask::mask_apply_backward", double_backward,
-                                    setup_context=_at_setup)
+    # Autograd of mask_apply / mask_apply_backward is C++ (csrc/autograd.cpp).
 
 
 if _ext_available:

@@ -386,3 +386,24 @@ def test_torch_compile_feature_mask():
         yc.sum().backward()
     for a, b in zip(twin.parameters(), model.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_out_variants_and_autograd_on_cuda():
+    x = rand((3, 2, 9, 7), torch.float32)
+    g = rand(x.shape, torch.float32, 1, -1, 1)
+    xd, gd = x.to(DEV), g.to(DEV)
+    out = torch.empty_like(xd)
+    F.fgsm_out(xd, gd, 0.1, 0.0, 1.0, out)
+    same(out, F.fgsm(x, g, 0.1, 0.0, 1.0))
+    F.random_start_out(xd, 0.1, 3, 4, "inf", 0.0, 1.0, out)
+    same(out, F.random_start(x, 0.1, 3, 4, "inf", 0.0, 1.0))
+    for mode in MODES:
+        F.mask_apply_out(xd, 0.4, 5, 6, mode, "sample", "shared", 0.5, out)
+        same(out, F.mask_apply(x, 0.4, 5, 6, mode, "sample", "shared", 0.5))
+        # C++ autograd on CUDA: backward regenerates the mask, same as on the CPU
+        xc, xg = x.clone().requires_grad_(), xd.clone().requires_grad_()
+        F.mask_apply(xc, 0.4, 5, 6, mode, "sample", "shared", 0.5).backward(g)
+        F.mask_apply(xg, 0.4, 5, 6, mode, "sample", "shared", 0.5).backward(gd)
+        same(xg.grad, xc.grad)
+    with pytest.raises(ValueError, match="ratio must be in"):
+        F.mask_apply(xd.clone().requires_grad_(), -0.1, 1, 0, "pixel", "sample", "shared", 0.0)

@@ -1,0 +1,118 @@
+// Autograd for mask_apply (and, for double backward, mask_apply_backward), as C++
+// autograd functions on the Autograd dispatch key, for every device (the torchvision
+// ops/autograd pattern). The mask is never stored: backward regenerates it from
+// (seed, offset) through mask_apply_backward, whose own backward (linear in grad) is
+// mask_apply with fill 0. The forward redispatches below autograd to the CPU / CUDA /
+// fake kernel, so torch.compile and opcheck trace straight through it.
+#include <ATen/ATen.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <string>
+
+namespace fastmask {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+at::Tensor call_mask_apply(const at::Tensor& x, double ratio, int64_t seed, int64_t offset,
+                           c10::string_view mode, c10::string_view scope,
+                           c10::string_view channels, double fill) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastmask::mask_apply", "")
+                       .typed<at::Tensor(const at::Tensor&, double, int64_t, int64_t, c10::string_view,
+                                         c10::string_view, c10::string_view, double)>();
+  return op.call(x, ratio, seed, offset, mode, scope, channels, fill);
+}
+
+at::Tensor call_mask_apply_backward(const at::Tensor& g, double ratio, int64_t seed, int64_t offset,
+                                    c10::string_view mode, c10::string_view scope,
+                                    c10::string_view channels) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastmask::mask_apply_backward", "")
+                       .typed<at::Tensor(const at::Tensor&, double, int64_t, int64_t, c10::string_view,
+                                         c10::string_view, c10::string_view)>();
+  return op.call(g, ratio, seed, offset, mode, scope, channels);
+}
+
+// The mask arguments, kept on the autograd context (scalars and strings only).
+void save_mask_args(AutogradContext* ctx, double ratio, int64_t seed, int64_t offset,
+                    c10::string_view mode, c10::string_view scope, c10::string_view channels) {
+  ctx->saved_data["ratio"] = ratio;
+  ctx->saved_data["seed"] = seed;
+  ctx->saved_data["offset"] = offset;
+  ctx->saved_data["mode"] = std::string(mode);
+  ctx->saved_data["scope"] = std::string(scope);
+  ctx->saved_data["channels"] = std::string(channels);
+}
+
+struct MaskArgs {
+  double ratio;
+  int64_t seed, offset;
+  std::string mode, scope, channels;
+};
+
+MaskArgs load_mask_args(AutogradContext* ctx) {
+  auto& d = ctx->saved_data;
+  return {d["ratio"].toDouble(),       d["seed"].toInt(),         d["offset"].toInt(),
+          d["mode"].toStringRef(),     d["scope"].toStringRef(),  d["channels"].toStringRef()};
+}
+
+class MaskApplyBackwardFn : public torch::autograd::Function<MaskApplyBackwardFn> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& g, double ratio, int64_t seed,
+                            int64_t offset, c10::string_view mode, c10::string_view scope,
+                            c10::string_view channels) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    save_mask_args(ctx, ratio, seed, offset, mode, scope, channels);
+    return call_mask_apply_backward(g, ratio, seed, offset, mode, scope, channels);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list gg) {
+    const MaskArgs a = load_mask_args(ctx);
+    at::Tensor ggrad = call_mask_apply(gg[0], a.ratio, a.seed, a.offset, a.mode, a.scope,
+                                       a.channels, 0.0);
+    return {ggrad, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+class MaskApplyFn : public torch::autograd::Function<MaskApplyFn> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, double ratio, int64_t seed,
+                            int64_t offset, c10::string_view mode, c10::string_view scope,
+                            c10::string_view channels, double fill) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    save_mask_args(ctx, ratio, seed, offset, mode, scope, channels);
+    return call_mask_apply(x, ratio, seed, offset, mode, scope, channels, fill);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list g) {
+    const MaskArgs a = load_mask_args(ctx);
+    // through the dispatcher (not the kernel): differentiable again for double backward
+    at::Tensor gx = MaskApplyBackwardFn::apply(g[0], a.ratio, a.seed, a.offset, a.mode, a.scope,
+                                               a.channels);
+    return {gx,          at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor mask_apply_autograd(const at::Tensor& x, double ratio, int64_t seed, int64_t offset,
+                               c10::string_view mode, c10::string_view scope,
+                               c10::string_view channels, double fill) {
+  return MaskApplyFn::apply(x, ratio, seed, offset, mode, scope, channels, fill);
+}
+
+at::Tensor mask_apply_backward_autograd(const at::Tensor& g, double ratio, int64_t seed,
+                                        int64_t offset, c10::string_view mode,
+                                        c10::string_view scope, c10::string_view channels) {
+  return MaskApplyBackwardFn::apply(g, ratio, seed, offset, mode, scope, channels);
+}
+
+}  // namespace
+}  // namespace fastmask
+
+TORCH_LIBRARY_IMPL(fastmask, Autograd, m) {
+  m.impl("mask_apply", &fastmask::mask_apply_autograd);
+  m.impl("mask_apply_backward", &fastmask::mask_apply_backward_autograd);
+}
