@@ -8,6 +8,7 @@
 // gets an empty tensor of the right shape. Fake kernels live in fastmask/ops.py.
 #include <ATen/ATen.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <torch/library.h>
 
 #include "cpu/cpu_ops.h"
@@ -169,6 +170,14 @@ PYBIND11_MODULE(_C, m) {
     return false;
 #endif
   }, "True if the CUDA kernels were compiled in.");
+  // Test hook: words [start, start + n) of the stream from the CPU path in use
+  // (FASTMASK_CPU_ISA caps it), at any start, e.g. where the block counter carries
+  // into its high word (2^34 words in), which no op reaches at test sizes.
+  m.def("_philox_words", [](uint64_t seed, uint64_t offset, uint64_t start, int64_t n) {
+    std::vector<uint32_t> w((size_t)std::max<int64_t>(n, 0));
+    fastmask::cpu::philox_words(seed, offset, start, (int64_t)w.size(), w.data());
+    return w;
+  }, "Philox words [start, start + n) from the CPU kernels (test hook).");
   m.def("build_info", []() {
     pybind11::dict d;
 #ifdef FASTMASK_WITH_CUDA

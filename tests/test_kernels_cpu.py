@@ -429,6 +429,9 @@ x = torch.rand(5, 3, 37, 29)
 for scope in ("sample", "fixed"):
     y = ops.mask_apply(x, 0.4, 3, i64(2**64 - 2), "pixel", scope, "separate", -1.0)
     assert torch.equal(y, ref.mask_apply(x, 0.4, 3, 2**64 - 2, "pixel", scope, "separate", -1.0))
+for start in (4 * (2**32 - 37) + 2, 4 * (2**33 - 5), 4 * (2**32 - 70)):  # the block counter carries
+    got = torch.tensor(fastmask._C._philox_words(2**64 - 3, 5, start, 401), dtype=torch.int64)
+    assert torch.equal(got, ref.philox(2**64 - 3, 5, 401, start=start)), start
 g = [torch.zeros(100003)]
 ops.grad_clip_noise_(g, None, 1.0, 9, 2**40, None, None, [])
 assert torch.equal(g[0], ref.normal(9, 2**40, g[0].numel()).float())

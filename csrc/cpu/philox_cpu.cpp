@@ -52,16 +52,28 @@ __attribute__((target("avx2"))) void blocks_avx2_g(uint64_t seed, uint64_t offse
   const __m256i O0 = _mm256_set1_epi32((int)(uint32_t)offset);
   const __m256i O1 = _mm256_set1_epi32((int)(uint32_t)(offset >> 32));
   for (int64_t g = 0; g < nb; g += L * kG) {
-    alignas(32) uint32_t b0[L * kG], b1[L * kG];
-    for (int l = 0; l < L * kG; ++l) {
-      const uint64_t b = first + (uint64_t)(g + l);
-      b0[l] = (uint32_t)b;
-      b1[l] = (uint32_t)(b >> 32);
-    }
     __m256i c0[kG], c1[kG], c2[kG], c3[kG];
+    const uint64_t b = first + (uint64_t)g;  // counter of the step's first block
+    if ((uint32_t)b <= 0xFFFFFFFFu - (uint32_t)(L * kG - 1)) {
+      // no carry into the high word inside this step: lanes are lo + 0, 1, ..., L kG - 1
+      const __m256i lo = _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)b),
+                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      for (int i = 0; i < kG; ++i) {
+        c0[i] = _mm256_add_epi32(lo, _mm256_set1_epi32(L * i));
+        c1[i] = _mm256_set1_epi32((int)(uint32_t)(b >> 32));
+      }
+    } else {
+      alignas(32) uint32_t b0[L * kG], b1[L * kG];
+      for (int l = 0; l < L * kG; ++l) {
+        b0[l] = (uint32_t)(b + (uint64_t)l);
+        b1[l] = (uint32_t)((b + (uint64_t)l) >> 32);
+      }
+      for (int i = 0; i < kG; ++i) {
+        c0[i] = _mm256_load_si256((const __m256i*)(b0 + L * i));
+        c1[i] = _mm256_load_si256((const __m256i*)(b1 + L * i));
+      }
+    }
     for (int i = 0; i < kG; ++i) {
-      c0[i] = _mm256_load_si256((const __m256i*)(b0 + L * i));
-      c1[i] = _mm256_load_si256((const __m256i*)(b1 + L * i));
       c2[i] = O0;
       c3[i] = O1;
     }
@@ -119,16 +131,29 @@ __attribute__((target("avx512f"))) void blocks_avx512_g(uint64_t seed, uint64_t 
   const __m512i O0 = _mm512_set1_epi32((int)(uint32_t)offset);
   const __m512i O1 = _mm512_set1_epi32((int)(uint32_t)(offset >> 32));
   for (int64_t g = 0; g < nb; g += L * G) {
-    alignas(64) uint32_t b0[L * G], b1[L * G];
-    for (int l = 0; l < L * G; ++l) {
-      const uint64_t b = first + (uint64_t)(g + l);
-      b0[l] = (uint32_t)b;
-      b1[l] = (uint32_t)(b >> 32);
-    }
     __m512i c0[G], c1[G], c2[G], c3[G];
+    const uint64_t b = first + (uint64_t)g;  // counter of the step's first block
+    if ((uint32_t)b <= 0xFFFFFFFFu - (uint32_t)(L * G - 1)) {
+      // no carry into the high word inside this step: lanes are lo + 0, 1, ..., L G - 1
+      const __m512i lo = _mm512_add_epi32(
+          _mm512_set1_epi32((int)(uint32_t)b),
+          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+      for (int i = 0; i < G; ++i) {
+        c0[i] = _mm512_add_epi32(lo, _mm512_set1_epi32(L * i));
+        c1[i] = _mm512_set1_epi32((int)(uint32_t)(b >> 32));
+      }
+    } else {
+      alignas(64) uint32_t b0[L * G], b1[L * G];
+      for (int l = 0; l < L * G; ++l) {
+        b0[l] = (uint32_t)(b + (uint64_t)l);
+        b1[l] = (uint32_t)((b + (uint64_t)l) >> 32);
+      }
+      for (int i = 0; i < G; ++i) {
+        c0[i] = _mm512_load_si512(b0 + L * i);
+        c1[i] = _mm512_load_si512(b1 + L * i);
+      }
+    }
     for (int i = 0; i < G; ++i) {
-      c0[i] = _mm512_load_si512(b0 + L * i);
-      c1[i] = _mm512_load_si512(b1 + L * i);
       c2[i] = O0;
       c3[i] = O1;
     }
@@ -175,7 +200,7 @@ void blocks_avx512(uint64_t seed, uint64_t offset, uint64_t first, int64_t nb, u
 
 struct WideBlocks {
   BlocksFn fn = blocks_scalar;
-  int64_t step = 1;  // fn takes multiples of `step` blocks
+  int64_t step = 1;  // fn takes multiples of `step` blocks (at most 16)
   const char* isa = "scalar";
 };
 
@@ -225,8 +250,17 @@ void philox_words(uint64_t seed, uint64_t offset, uint64_t start, int64_t n, uin
   const int64_t full = (n - j) / 4;
   const int64_t wide = full / w.step * w.step;
   if (wide > 0) w.fn(seed, offset, first, wide, out + j);
-  blocks_scalar(seed, offset, first + (uint64_t)wide, full - wide, out + j + 4 * wide);
-  j += 4 * full;
+  j += 4 * wide;
+  const int64_t rest = n - j;  // words of fewer than `step` blocks, the last one maybe partial
+  if (w.step > 1 && rest > 8) {
+    // one more wide step into a buffer: cheaper than three or more scalar blocks
+    uint32_t buf[4 * 16];
+    w.fn(seed, offset, first + (uint64_t)wide, w.step, buf);
+    std::memcpy(out + j, buf, sizeof(uint32_t) * (size_t)rest);
+    return;
+  }
+  blocks_scalar(seed, offset, first + (uint64_t)wide, rest / 4, out + j);
+  j += 4 * (rest / 4);
   if (j < n) {  // tail: the start of a block
     Philox4 b = philox_block(seed, offset, (start + j) >> 2);
     for (int l = 0; j < n; ++j, ++l) out[j] = b.v[l];
