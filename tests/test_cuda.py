@@ -405,5 +405,23 @@ def test_out_variants_and_autograd_on_cuda():
         F.mask_apply(xc, 0.4, 5, 6, mode, "sample", "shared", 0.5).backward(g)
         F.mask_apply(xg, 0.4, 5, 6, mode, "sample", "shared", 0.5).backward(gd)
         same(xg.grad, xc.grad)
-    with pytest.raises(ValueError, match="ratio must be in"):
-        F.mask_apply(xd.clone().requires_grad_(), -0.1, 1, 0, "pixel", "sample", "shared", 0.0)
+
+
+def test_cpp_errors_on_cuda_reach_python():
+    """A bad argument that reaches the C++ op raises ValueError on CUDA tensors too. Run in
+    a subprocess: on one GPU image (torch 2.11 cu130, GCC 13.3, Ubuntu 24.04) any C++
+    exception thrown from the extension killed the process with SIGSEGV (see
+    benchmarks/RESULTS.md, "Known defect"); this keeps the rest of the suite running."""
+    import subprocess
+    import sys
+    code = """
+import torch, fastmask.ops
+x = torch.rand(2, 3, 4, 4, device="cuda", requires_grad=True)
+try:
+    torch.ops.fastmask.mask_apply(x, -0.1, 1, 0, "pixel", "sample", "shared", 0.0)
+except ValueError as e:
+    assert "ratio must be in" in str(e), e
+    print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stderr[-1500:])
