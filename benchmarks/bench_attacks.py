@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from benchmarks import harness
 
 EPS, ALPHA, STEPS, BATCH = 0.3, 0.01, 40, 500
+# fastmask's throughput at least this multiple of each library's, FGSM and PGD alike
+TARGETS = {"mlp": {"torchattacks": 1.15, "art": 3.0}, "cnn": {"torchattacks": 1.03}}
 
 
 def mnist_batch(n, device):
@@ -107,15 +109,18 @@ def bench(args, report):
     steps = 2 if args.tiny else (10 if args.quick else STEPS)
     n = 16 if args.tiny else BATCH
     x, y, source = mnist_batch(n, dev)
-    opts = harness.timing_opts(args)
-    if not args.tiny:  # one whole attack per sample
-        opts.update(repeats=3, warmup=0, target_s=1e-9)  # the calibration call warms up
+    base_opts = harness.timing_opts(args)
     for arch in ("mlp",) if args.tiny else ("mlp", "cnn"):
         model = models.build(arch, seed=0).to(dev).eval()
         impls, notes = implementations(model, steps, dev)
         for note in notes:
             report.note(note)
         for kind, which in (("fgsm", 0), (f"pgd-{steps}", 1)):
+            opts = dict(base_opts)
+            if not args.tiny and which:  # PGD: one whole attack per sample (seconds on the CNN)
+                opts.update(repeats=5, warmup=0, target_s=1e-9)  # the calibration call warms up
+            elif not args.tiny:  # FGSM: milliseconds, so many calls per sample
+                opts.update(repeats=11, warmup=3, target_s=0.2)
             ref = impls["fastmask"][which](x, y)
             agree = {name: verify(name, fns[which](x, y), ref, x, kind.split("-")[0])
                      for name, fns in impls.items() if name != "fastmask"}
@@ -125,8 +130,10 @@ def bench(args, report):
             for k, a in agree.items():
                 metrics[k].update(a)
             speed = {k: t[k]["median_s"] / t["fastmask"]["median_s"] for k in t if k != "fastmask"}
+            checks = [harness.check(f"{arch} {kind} fastmask throughput / {lib}", speed[lib], target)
+                      for lib, target in TARGETS[arch].items() if lib in speed]
             report.add("attacks", f"{kind} {arch} batch {n} ({source})", t, baseline="eager",
-                       metrics=metrics,
+                       metrics=metrics, checks=checks,
                        params={"attack": kind, "model": arch, "batch": n, "eps": EPS, "alpha": ALPHA,
                                "steps": steps if which else 1, "random_start": False,
                                "verified_against_fastmask": sorted(agree), "speedup_of_fastmask": speed})
