@@ -77,6 +77,13 @@ class FeatureMask(torch.nn.Module):
             offset = int(self.step) + (self.stream << 40)
         with torch.no_grad():
             self.step.add_(1)
+        if (ops._use_ext and isinstance(offset, int) and isinstance(x, Tensor) and x.dim() == 4
+                and x.dtype in ops.FLOAT_DTYPES):
+            # the hot path of a training step: the arguments were checked in __init__, and
+            # the C++ op checks them again, so skip the Python checks (~20 us a call)
+            return ops._mask_apply_int(x, self.ratio, ops._u64("seed", self.seed),
+                                       ops._u64("offset", offset), self.mode, self.scope,
+                                       self.channels, self.fill)
         return ops.mask_apply(x, self.ratio, seed=self.seed, offset=offset, mode=self.mode,
                               scope=self.scope, channels=self.channels, fill=self.fill)
 
