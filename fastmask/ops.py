@@ -8,8 +8,8 @@ reference in fastmask/reference.py. The exact semantics are in docs/ops.md.
 When the extension is loaded this module also registers fake kernels for every op
 (torch.compile, torch.library.opcheck). The autograd of mask_apply is C++
 (csrc/autograd.cpp): its backward regenerates the mask from (seed, offset) with
-mask_apply_backward; nothing is stored. In fallback mode the reference is plain torch, so autograd and
-torch.compile work natively.
+mask_apply_backward; nothing is stored. In fallback mode the reference is plain
+torch, so autograd and torch.compile work natively.
 
 Seeds and offsets are integers in [0, 2^64). `mask_apply` also takes the offset as
 a 0-d integer tensor (e.g. a counter buffer, see fastmask.nn.FeatureMask): the
