@@ -10,31 +10,13 @@
 
 #include <string>
 
+#include "op_calls.h"
+
 namespace fastmask {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-at::Tensor call_mask_apply(const at::Tensor& x, double ratio, int64_t seed, int64_t offset,
-                           c10::string_view mode, c10::string_view scope,
-                           c10::string_view channels, double fill) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fastmask::mask_apply", "")
-                       .typed<at::Tensor(const at::Tensor&, double, int64_t, int64_t, c10::string_view,
-                                         c10::string_view, c10::string_view, double)>();
-  return op.call(x, ratio, seed, offset, mode, scope, channels, fill);
-}
-
-at::Tensor call_mask_apply_backward(const at::Tensor& g, double ratio, int64_t seed, int64_t offset,
-                                    c10::string_view mode, c10::string_view scope,
-                                    c10::string_view channels) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fastmask::mask_apply_backward", "")
-                       .typed<at::Tensor(const at::Tensor&, double, int64_t, int64_t, c10::string_view,
-                                         c10::string_view, c10::string_view)>();
-  return op.call(g, ratio, seed, offset, mode, scope, channels);
-}
 
 // The mask arguments, kept on the autograd context (scalars and strings only).
 void save_mask_args(AutogradContext* ctx, double ratio, int64_t seed, int64_t offset,

@@ -13,6 +13,7 @@
 
 #include "cpu/cpu_ops.h"
 #include "fastmask/common.h"
+#include "op_calls.h"
 
 #ifndef FASTMASK_TORCH_VERSION
 #define FASTMASK_TORCH_VERSION "unknown"
@@ -79,34 +80,23 @@ at::Tensor grad_clip_noise_any(at::TensorList grads, std::optional<double> max_n
   return at::zeros({}, at::kFloat);
 }
 
-template <typename Fn>
-static auto typed_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
-}
-
 void mask_apply_out_any(const at::Tensor& x, double ratio, int64_t seed, int64_t offset,
                         c10::string_view mode, c10::string_view scope, c10::string_view channels,
                         double fill, const at::Tensor& out) {
   check_out(x, out);
-  static auto op = typed_op<at::Tensor(const at::Tensor&, double, int64_t, int64_t, c10::string_view,
-                                       c10::string_view, c10::string_view, double)>("fastmask::mask_apply");
-  out.copy_(op.call(x, ratio, seed, offset, mode, scope, channels, fill));
+  out.copy_(call_mask_apply(x, ratio, seed, offset, mode, scope, channels, fill));
 }
 
 void fgsm_out_any(const at::Tensor& x, const at::Tensor& grad, double eps, double lo, double hi,
                   const at::Tensor& out) {
   check_out(x, out);
-  static auto op = typed_op<at::Tensor(const at::Tensor&, const at::Tensor&, double, double, double)>(
-      "fastmask::fgsm");
-  out.copy_(op.call(x, grad, eps, lo, hi));
+  out.copy_(call_fgsm(x, grad, eps, lo, hi));
 }
 
 void random_start_out_any(const at::Tensor& x, double eps, int64_t seed, int64_t offset,
                           c10::string_view norm, double lo, double hi, const at::Tensor& out) {
   check_out(x, out);
-  static auto op = typed_op<at::Tensor(const at::Tensor&, double, int64_t, int64_t, c10::string_view,
-                                       double, double)>("fastmask::random_start");
-  out.copy_(op.call(x, eps, seed, offset, norm, lo, hi));
+  out.copy_(call_random_start(x, eps, seed, offset, norm, lo, hi));
 }
 
 }  // namespace fastmask
