@@ -6,7 +6,10 @@ x_adv has x's shape, dtype and device; batches of `batch_size` run on the
 model's device. The model is left exactly as it was: training flags,
 parameters' requires_grad and the buffers (RNG offsets) of its FeatureMask
 modules are restored. Input gradients come from torch.autograd.grad with the
-parameters frozen, so no parameter .grad is touched.
+parameters frozen, so no parameter .grad is touched; plain Linear/Conv2d/ReLU/
+MaxPool2d chains (the paper's models without a mask) take fastmask.inputgrad
+instead: the same ATen backward kernels without a graph, in cache-sized
+micro-batches on CPU, bit for bit the same gradient.
 
 The loss is the summed cross-entropy (per-sample gradients do not depend on the
 batch). Targeted attacks descend the loss to the target labels instead.
@@ -26,7 +29,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from . import ops
+from . import inputgrad, ops
 
 __all__ = ["fgsm", "pgd", "eot_pgd", "pgd_frozen_mask", "transfer", "make_attack",
            "model_state", "feature_masks", "input_grad", "MASK_STATES", "ATTACKS"]
@@ -91,7 +94,13 @@ def model_state(model, masks="model"):
 
 
 def _loss_grad(model, x, y, targeted):
-    """d(sum CE)/dx (minus it when targeted); zeros where the output does not depend on x."""
+    """d(sum CE)/dx (minus it when targeted); zeros where the output does not depend on x.
+    Plain layer chains skip autograd (fastmask.inputgrad: the same kernels, the same bits)."""
+    layers = inputgrad.plan(model)
+    if layers is not None:
+        g = inputgrad.loss_grad(model, layers, x, y, targeted)
+        if g is not None:
+            return g
     x = x.detach().requires_grad_(True)
     loss = F.cross_entropy(model(x), y, reduction="sum")
     if not loss.requires_grad:
