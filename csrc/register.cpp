@@ -7,6 +7,10 @@
 // through cuda_launchers(), which csrc/cuda fills at static-init time. A meta device
 // gets an empty tensor of the right shape. Fake kernels live in fastmask/ops.py.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <mutex>
+#include <set>
+#include <thread>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <torch/library.h>
@@ -168,8 +172,25 @@ PYBIND11_MODULE(_C, m) {
     fastmask::cpu::philox_words(seed, offset, start, (int64_t)w.size(), w.data());
     return w;
   }, "Philox words [start, start + n) from the CPU kernels (test hook).");
+  // Test hook: how many threads at::parallel_for over [0, n) ran on. The kernels' loops are
+  // at::parallel_for, a header template: it only splits work if this module was compiled
+  // with the parallel backend torch uses (OpenMP in the pip wheels).
+  m.def("_parallel_threads", [](int64_t n, int64_t grain) {
+    std::mutex mu;
+    std::set<std::thread::id> ids;
+    at::parallel_for(0, n, grain, [&](int64_t, int64_t) {
+      std::lock_guard<std::mutex> lock(mu);
+      ids.insert(std::this_thread::get_id());
+    });
+    return (int64_t)ids.size();
+  }, "Threads at::parallel_for(0, n, grain) used in this module (test hook).");
   m.def("build_info", []() {
     pybind11::dict d;
+#ifdef _OPENMP
+    d["openmp"] = true;
+#else
+    d["openmp"] = false;
+#endif
 #ifdef FASTMASK_WITH_CUDA
     d["cuda"] = true;
 #else

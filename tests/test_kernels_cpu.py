@@ -208,6 +208,38 @@ def test_mask_noncontiguous_and_empty():
             assert ops.mask_generate(list(shape), *a, None).shape == shape
 
 
+def test_module_runs_on_torch_threads():
+    """at::parallel_for in this module splits the work (it is compiled with the OpenMP
+    torch uses) and follows torch.set_num_threads; without OpenMP it silently runs serial."""
+    from fastmask import _C
+    assert _C.build_info()["openmp"]
+    for n in (1, 2, 3):
+        with threads(n):
+            assert _C._parallel_threads(1 << 16, 1) == n
+
+
+def test_ops_thread_count_independent_at_odd_piece_boundaries():
+    """Three threads cut 7x3x61x43 = 55083 elements (and the 7x61x43 mask index space)
+    at positions that are not multiples of 4: pieces start inside a Philox block."""
+    shape = (7, 3, 61, 43)
+    x, g, xn = rand(shape, seed=1), randn(shape, seed=2), rand(shape, seed=3)
+    calls = [lambda: ops.philox(5, 6, 55083, None)]
+    for mode in MODES:
+        for scope in SCOPES:
+            for ch in CHANNELS:
+                a = (0.3, 11, 12, mode, scope, ch)
+                calls += [lambda a=a: ops.mask_apply(x, *a, 0.0), lambda a=a: ops.mask_apply_backward(g, *a)]
+    for norm in ("inf", "2"):
+        calls += [lambda norm=norm: ops.random_start(x, 0.3, 3, 4, norm, 0.0, 1.0),
+                  lambda norm=norm: ops.pgd_step(x, xn, g, 0.01, 0.3, 0.0, 1.0, norm)]
+    calls += [lambda: ops.fgsm(x, g, 0.3, 0.0, 1.0)]
+    with threads(1):
+        one = [c() for c in calls]
+    with threads(3):
+        three = [c() for c in calls]
+    assert all(torch.equal(a, b) for a, b in zip(one, three))
+
+
 def test_mask_thread_count_independent():
     x = randn((8, 3, 40, 40), seed=9)
     for mode in MODES:
