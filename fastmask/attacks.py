@@ -39,13 +39,13 @@ ATTACKS = ("fgsm", "pgd", "eot", "frozen", "pgd_l2")
 _depth = weakref.WeakKeyDictionary()  # model -> nesting depth of model_state
 
 
-def feature_masks(model):
+def feature_masks(model, modules=None):
     """The fastmask.nn.FeatureMask modules inside `model` (in module order)."""
     try:
         from .nn import FeatureMask
     except ImportError:  # nn not built yet / stripped-down install
         return []
-    return [m for m in model.modules() if isinstance(m, FeatureMask)]
+    return [m for m in (model.modules() if modules is None else modules) if isinstance(m, FeatureMask)]
 
 
 def _mask_buffers(fms):
@@ -57,16 +57,18 @@ def model_state(model, masks="model"):
     """Everything in eval mode, parameters frozen, FeatureMask modules per `masks`; all restored on exit."""
     if masks not in MASK_STATES:
         raise ValueError(f"masks must be one of {MASK_STATES}, got {masks!r}")
-    fms = feature_masks(model)
-    flags = [(m, m.training) for m in model.modules()]
-    grads = [(p, p.requires_grad) for p in model.parameters()]
+    mods = list(model.modules())
+    fms = feature_masks(model, mods)
+    flags = [(m, m.training) for m in mods]
+    frozen = [p for p in model.parameters() if p.requires_grad]
     outer = _depth.get(model, 0) == 0
     saved = [b.clone() for b in _mask_buffers(fms)] if outer else None
     hooks = []
     _depth[model] = _depth.get(model, 0) + 1
     try:
-        model.eval()
-        for p, _ in grads:
+        if any(t for _, t in flags):
+            model.eval()
+        for p in frozen:
             p.requires_grad_(False)
         if masks != "model":
             for m in fms:
@@ -88,9 +90,10 @@ def model_state(model, masks="model"):
             for b, s in zip(_mask_buffers(fms), saved):
                 b.copy_(s)
         for m, t in flags:
-            m.training = t
-        for p, r in grads:
-            p.requires_grad_(r)
+            if m.training != t:
+                m.training = t
+        for p in frozen:
+            p.requires_grad_(True)
 
 
 def _loss_grad(model, x, y, targeted):
