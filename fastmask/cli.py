@@ -154,9 +154,12 @@ def build_parser():
     t.add_argument("--mask-mode", choices=("pixel", "blur", "block"), default="pixel")
     t.add_argument("--max-norm", type=positive_float, help="clip gradients to this global norm")
     t.add_argument("--noise-std", type=nonneg_float, default=0.0, help="Gaussian noise added to the gradients")
-    t.add_argument("--adv-train", choices=("fgsm",), help="fast FGSM adversarial training")
+    t.add_argument("--adv-train", choices=("fgsm", "pgd"),
+                   help="adversarial training: fgsm (fast AT, one step) or pgd (--adv-steps steps)")
     t.add_argument("--adv-eps", type=positive_float, default=0.1)
-    t.add_argument("--adv-alpha", type=positive_float, help="FGSM step of adversarial training (default 1.25 eps)")
+    t.add_argument("--adv-alpha", type=positive_float,
+                   help="step of adversarial training (default 1.25 eps for fgsm, 2.5 eps / steps for pgd)")
+    t.add_argument("--adv-steps", type=positive_int, default=1, help="steps per example with --adv-train pgd")
     t.add_argument("--adv-check", action="store_true", help="early stop when the PGD accuracy of a training "
                    "batch collapses (catastrophic overfitting); keeps the best epoch")
     t.add_argument("--lr-schedule", choices=("constant", "cyclic"), default="constant",
@@ -254,10 +257,13 @@ def cmd_train(args):
         torch.set_num_threads(args.threads)
     if args.adv_check and not args.adv_train:
         raise CliError("fastmask train: argument --adv-check: needs --adv-train")
+    if args.adv_steps != 1 and args.adv_train != "pgd":
+        raise CliError(f"fastmask train: argument --adv-steps: {args.adv_steps} needs --adv-train pgd")
     grad = {k: v for k, v in (("max_norm", args.max_norm), ("noise_std", args.noise_std)) if v}
     tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                        seed=args.seed, grad=grad, adv_train=args.adv_train, adv_eps=args.adv_eps,
-                       adv_alpha=args.adv_alpha, adv_check=args.adv_check, lr_schedule=args.lr_schedule)
+                       adv_alpha=args.adv_alpha, adv_steps=args.adv_steps, adv_check=args.adv_check,
+                       lr_schedule=args.lr_schedule)
     mask = None
     if args.mask_ratio > 0:
         mask = {"ratio": args.mask_ratio, "mode": args.mask_mode, "scope": args.mask_scope,

@@ -12,7 +12,10 @@ alpha = 1.25 eps from x0, projected back to the eps-ball around x and to [0, 1]
 (ops.pgd_step: the fgsm step and the projection, fused). It combines with
 masking (the attack sees the model's masked forward) and gradient manipulation.
 Their MNIST recipe: lr_schedule="cyclic" (per step, linear 0 -> lr at 2/5 of
-the epochs -> 0), Adam, eps 0.3, alpha 0.375. adv_check=True guards against
+the epochs -> 0), Adam, eps 0.3, alpha 0.375. adv_train="pgd" with adv_steps=k
+is PGD-k training (Madry et al. 2018) from the same random start, alpha default
+2.5 eps / k; it costs k + 1 forward/backward passes a step (fast AT: 2).
+adv_check=True guards against
 catastrophic overfitting: after each epoch, PGD-10 accuracy on a fixed batch of
 training images; if it falls more than 0.2 below its best, training stops and
 the best epoch's weights are restored.
@@ -34,7 +37,7 @@ import torch.nn.functional as F
 from .data import to_float
 
 OPTIMIZERS = ("adam", "sgd")
-ADV_TRAIN = (None, "fgsm")
+ADV_TRAIN = (None, "fgsm", "pgd")
 LR_SCHEDULES = ("constant", "cyclic")
 
 
@@ -48,15 +51,16 @@ class TrainConfig:
     weight_decay: float = 0.0
     seed: int = 0
     grad: dict = field(default_factory=dict)  # GradManipulator kwargs: max_norm, noise_std, clip_value, smoothing
-    adv_train: str = None       # None or "fgsm"
+    adv_train: str = None       # None, "fgsm" (fast AT) or "pgd" (PGD-k AT, k = adv_steps)
     adv_eps: float = 0.1
     eval_batch: int = 1000
     lr_schedule: str = "constant"  # "cyclic": 0 -> lr at 2/5 of the epochs -> 0, per step (Wong et al.)
-    adv_alpha: float = None     # fgsm step; None: 1.25 * adv_eps
+    adv_alpha: float = None     # step; None: 1.25 * adv_eps for fgsm, 2.5 * adv_eps / adv_steps for pgd
+    adv_steps: int = 1          # pgd: steps per example (fgsm: 1)
     adv_check: bool = False     # early stop on PGD accuracy of a training batch (catastrophic overfitting)
 
     def __post_init__(self):
-        for k in ("epochs", "batch_size", "eval_batch"):
+        for k in ("epochs", "batch_size", "eval_batch", "adv_steps"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{k}={v!r} must be a positive int")
@@ -74,6 +78,8 @@ class TrainConfig:
             raise ValueError(f"adv_alpha={self.adv_alpha!r} must be > 0 (or None for 1.25 * adv_eps)")
         if self.adv_check and not self.adv_train:
             raise ValueError("adv_check=True needs adv_train")
+        if self.adv_steps != 1 and self.adv_train != "pgd":
+            raise ValueError(f"adv_steps={self.adv_steps!r} needs adv_train='pgd' (fgsm takes one step)")
         unknown = set(self.grad or {}) - {"max_norm", "noise_std", "clip_value", "smoothing"}
         if unknown:
             raise ValueError(f"grad has unknown keys {sorted(unknown)}")
@@ -130,14 +136,20 @@ def make_optimizer(model, cfg):
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def fgsm_example(model, x, y, eps, seed, step, alpha=None):
-    """Fast-AT example: random start in the eps-ball, one step of alpha (default 1.25 eps), projected
-    to the eps-ball and [0, 1] (Wong et al. 2020)."""
+def fgsm_example(model, x, y, eps, seed, step, alpha=None, steps=1):
+    """Adversarial-training example: random start in the eps-ball, then `steps` signed-gradient
+    steps of alpha, each projected to the eps-ball and [0, 1]. steps=1 is fast AT (Wong et al.
+    2020; alpha default 1.25 eps), steps=k PGD-k training (Madry et al.; default 2.5 eps / k)."""
     from . import ops
-    x0 = ops.random_start(x, eps, seed=seed, offset=step, norm="inf", lo=0.0, hi=1.0).requires_grad_(True)
-    loss = F.cross_entropy(model(x0), y)
-    (g,) = torch.autograd.grad(loss, x0)  # input gradient only: no parameter .grad is touched
-    return ops.pgd_step(x0.detach(), x, g, 1.25 * eps if alpha is None else alpha, eps, 0.0, 1.0, "inf")
+    if alpha is None:
+        alpha = 1.25 * eps if steps == 1 else 2.5 * eps / steps
+    x_adv = ops.random_start(x, eps, seed=seed, offset=step, norm="inf", lo=0.0, hi=1.0)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        loss = F.cross_entropy(model(x_adv), y)
+        (g,) = torch.autograd.grad(loss, x_adv)  # input gradient only: no parameter .grad is touched
+        x_adv = ops.pgd_step(x_adv.detach(), x, g, alpha, eps, 0.0, 1.0, "inf")
+    return x_adv
 
 
 def lr_at(cfg, t):
@@ -193,9 +205,9 @@ def train(model, data, cfg, progress=False, log=None):
             if cfg.lr_schedule != "constant":
                 for group in opt.param_groups:
                     group["lr"] = lr_at(cfg, (step + 1) / steps_per_epoch)
-            if cfg.adv_train == "fgsm":
+            if cfg.adv_train:
                 x = fgsm_example(model, x, y, cfg.adv_eps, cfg.seed + 3, distributed.stream_offset(step),
-                                 cfg.adv_alpha)
+                                 cfg.adv_alpha, cfg.adv_steps)
             logits = net(x)
             if world > 1:  # scaled so that DDP's mean over the ranks is the mean over the global batch
                 loss = F.cross_entropy(logits, y, reduction="sum") * (world / len(idx))

@@ -50,8 +50,12 @@ def test_config_errors():
         TrainConfig(epochs=0)
     with pytest.raises(ValueError, match="optimizer='rmsprop'"):
         TrainConfig(optimizer="rmsprop")
-    with pytest.raises(ValueError, match="adv_train='pgd'"):
-        TrainConfig(adv_train="pgd")
+    with pytest.raises(ValueError, match="adv_train='free'"):
+        TrainConfig(adv_train="free")
+    with pytest.raises(ValueError, match="adv_steps=3 needs adv_train='pgd'"):
+        TrainConfig(adv_train="fgsm", adv_steps=3)
+    with pytest.raises(ValueError, match="adv_steps=0"):
+        TrainConfig(adv_train="pgd", adv_steps=0)
     with pytest.raises(ValueError, match="lr=0"):
         TrainConfig(lr=0)
     with pytest.raises(ValueError, match="unknown keys"):
@@ -130,12 +134,36 @@ def test_fgsm_example_stays_in_the_ball():
     assert all(torch.equal(a, b) for a, b in zip(before, weights(model)))
 
 
+def test_pgd_training_example_is_k_projected_steps():
+    """adv_steps=k: the random start, then k signed steps of alpha, each projected (by hand here)."""
+    import torch.nn.functional as F
+    from fastmask import ops
+    d = toy_data(n_train=32)
+    model = M.build("mlp", seed=0).train()
+    x, y = D.to_float(d.x_train), d.y_train
+    eps, alpha = 0.1, 0.03
+    adv = fgsm_example(model, x, y, eps, seed=9, step=4, alpha=alpha, steps=3)
+    ref = ops.random_start(x, eps, seed=9, offset=4)
+    for _ in range(3):
+        ref.requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(model(ref), y), ref)
+        ref = torch.min(torch.max(ref.detach() + alpha * g.sign(), x - eps), x + eps).clamp(0, 1)
+    assert torch.equal(adv, ref)
+    assert (adv - x).abs().max() <= eps + 1e-6
+    assert all(p.grad is None for p in model.parameters())
+    one = fgsm_example(model, x, y, eps, seed=9, step=4, alpha=alpha, steps=1)
+    assert not torch.equal(one, adv)
+
+
 def test_adv_training_changes_the_model():
     d = toy_data(n_train=96)
     a, b = M.build("mlp", seed=0), M.build("mlp", seed=0)
     train(a, d, TrainConfig(epochs=1, batch_size=32))
     train(b, d, TrainConfig(epochs=1, batch_size=32, adv_train="fgsm", adv_eps=0.2))
     assert not all(torch.equal(p, q) for p, q in zip(weights(a), weights(b)))
+    c = M.build("mlp", seed=0)
+    train(c, d, TrainConfig(epochs=1, batch_size=32, adv_train="pgd", adv_steps=2, adv_eps=0.2))
+    assert not all(torch.equal(p, q) for p, q in zip(weights(b), weights(c)))
 
 
 @pytest.mark.slow
