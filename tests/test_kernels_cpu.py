@@ -461,6 +461,11 @@ x = torch.rand(5, 3, 37, 29)
 for scope in ("sample", "fixed"):
     y = ops.mask_apply(x, 0.4, 3, i64(2**64 - 2), "pixel", scope, "separate", -1.0)
     assert torch.equal(y, ref.mask_apply(x, 0.4, 3, 2**64 - 2, "pixel", scope, "separate", -1.0))
+z = x.clone()  # in place, shared channels, and the backward (fill 0)
+ops.mask_apply_out(z, 0.4, 3, 5, "pixel", "sample", "shared", 0.5, z)
+assert torch.equal(z, ref.mask_apply(x, 0.4, 3, 5, "pixel", "sample", "shared", 0.5))
+gb = ops.mask_apply_backward(x, 0.4, 3, 5, "pixel", "sample", "shared")
+assert torch.equal(gb, ref.mask_apply_backward(x, 0.4, 3, 5, "pixel", "sample", "shared"))
 for start in (4 * (2**32 - 37) + 2, 4 * (2**33 - 5), 4 * (2**32 - 70)):  # the block counter carries
     got = torch.tensor(fastmask._C._philox_words(2**64 - 3, 5, start, 401), dtype=torch.int64)
     assert torch.equal(got, ref.philox(2**64 - 3, 5, 401, start=start)), start

@@ -85,6 +85,10 @@ void philox_words(uint64_t seed, uint64_t offset, uint64_t start, int64_t n, uin
 // Box-Muller, fastmask/philox.h), 0 <= j < n.
 void philox_normals(uint64_t seed, uint64_t offset, uint64_t start, int64_t n, float* out);
 
+// y[t] = philox_keep(word start + t, thr) ? x[t] : fill for t < n (float32 pixel masks; y may
+// be x): Philox and the select in one pass on AVX-512, philox_words + mask_pixel_f32 otherwise.
+void mask_pixel_stream_f32(uint64_t seed, uint64_t offset, uint64_t start, int64_t n, const float* x,
+                           float* y, uint32_t thr, float fill);
 // The instruction set philox_words uses: "avx512", "avx2" or "scalar".
 const char* philox_isa();
 

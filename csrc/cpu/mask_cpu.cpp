@@ -119,6 +119,13 @@ static void mask_apply_kernel(const scalar_t* x, scalar_t* y, const MaskParams& 
                     [&](int64_t k) { yp[k] = fill_s; });
         return;
       }
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (p.spec.mode == MaskMode::Pixel && fixed.empty()) {  // words made and used in registers
+          mask_pixel_stream_f32(p.seed, p.offset, (uint64_t)(unit * HW + j), len, f32(xp + j), f32(yp + j),
+                                p.threshold, (float)fill_s);
+          return;
+        }
+      }
       const uint32_t* words = mask_words(p, fixed, unit * HW + j, len, buf);
       if (p.spec.mode == MaskMode::Pixel) {
         const scalar_t* xj = xp + j;

@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "cpu_ops.h"
+#include "simd_loops.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FASTMASK_X86_SIMD 1
@@ -122,57 +123,70 @@ __attribute__((target("avx512f"))) inline __m512i mulhilo_avx512(__m512i c, __m5
   return _mm512_mask_shuffle_epi32(po, 0x5555, pe, _MM_PERM_CDAB);
 }
 
-// G groups of 16 blocks (nb a multiple of 16 G); a ^ b ^ c is one vpternlogd.
+// Counters of blocks b .. b + 16 G - 1 in G groups of 16 lanes (structure of arrays).
+template <int G>
+__attribute__((target("avx512f"))) inline void counters_avx512(uint64_t b, uint64_t offset, __m512i* c0,
+                                                               __m512i* c1, __m512i* c2, __m512i* c3) {
+  constexpr int L = 16;
+  if ((uint32_t)b <= 0xFFFFFFFFu - (uint32_t)(L * G - 1)) {
+    // no carry into the high word inside this step: lanes are lo + 0, 1, ..., L G - 1
+    const __m512i lo = _mm512_add_epi32(
+        _mm512_set1_epi32((int)(uint32_t)b),
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    for (int i = 0; i < G; ++i) {
+      c0[i] = _mm512_add_epi32(lo, _mm512_set1_epi32(L * i));
+      c1[i] = _mm512_set1_epi32((int)(uint32_t)(b >> 32));
+    }
+  } else {
+    alignas(64) uint32_t b0[L * G], b1[L * G];
+    for (int l = 0; l < L * G; ++l) {
+      b0[l] = (uint32_t)(b + (uint64_t)l);
+      b1[l] = (uint32_t)((b + (uint64_t)l) >> 32);
+    }
+    for (int i = 0; i < G; ++i) {
+      c0[i] = _mm512_load_si512(b0 + L * i);
+      c1[i] = _mm512_load_si512(b1 + L * i);
+    }
+  }
+  for (int i = 0; i < G; ++i) {
+    c2[i] = _mm512_set1_epi32((int)(uint32_t)offset);
+    c3[i] = _mm512_set1_epi32((int)(uint32_t)(offset >> 32));
+  }
+}
+
+// The 10 rounds on G groups (interleaved, so one group's multiply latency hides behind
+// the others'); a ^ b ^ c is one vpternlogd.
+template <int G>
+__attribute__((target("avx512f"))) inline void rounds_avx512(uint64_t seed, __m512i* c0, __m512i* c1,
+                                                             __m512i* c2, __m512i* c3) {
+  const __m512i M0 = _mm512_set1_epi32((int)kPhiloxM0), M1 = _mm512_set1_epi32((int)kPhiloxM1);
+  uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+  for (int r = 0; r < 10; ++r) {
+    if (r > 0) {
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+    const __m512i K0 = _mm512_set1_epi32((int)k0), K1 = _mm512_set1_epi32((int)k1);
+    for (int i = 0; i < G; ++i) {
+      __m512i lo0, lo1;
+      const __m512i hi0 = mulhilo_avx512(c0[i], M0, &lo0), hi1 = mulhilo_avx512(c2[i], M1, &lo1);
+      c0[i] = _mm512_ternarylogic_epi32(hi1, c1[i], K0, 0x96);
+      c2[i] = _mm512_ternarylogic_epi32(hi0, c3[i], K1, 0x96);
+      c1[i] = lo1;
+      c3[i] = lo0;
+    }
+  }
+}
+
+// G groups of 16 blocks (nb a multiple of 16 G), words stored in stream order.
 template <int G>
 __attribute__((target("avx512f"))) void blocks_avx512_g(uint64_t seed, uint64_t offset,
                                                         uint64_t first, int64_t nb, uint32_t* out) {
   constexpr int L = 16;
-  const __m512i M0 = _mm512_set1_epi32((int)kPhiloxM0), M1 = _mm512_set1_epi32((int)kPhiloxM1);
-  const __m512i O0 = _mm512_set1_epi32((int)(uint32_t)offset);
-  const __m512i O1 = _mm512_set1_epi32((int)(uint32_t)(offset >> 32));
   for (int64_t g = 0; g < nb; g += L * G) {
     __m512i c0[G], c1[G], c2[G], c3[G];
-    const uint64_t b = first + (uint64_t)g;  // counter of the step's first block
-    if ((uint32_t)b <= 0xFFFFFFFFu - (uint32_t)(L * G - 1)) {
-      // no carry into the high word inside this step: lanes are lo + 0, 1, ..., L G - 1
-      const __m512i lo = _mm512_add_epi32(
-          _mm512_set1_epi32((int)(uint32_t)b),
-          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-      for (int i = 0; i < G; ++i) {
-        c0[i] = _mm512_add_epi32(lo, _mm512_set1_epi32(L * i));
-        c1[i] = _mm512_set1_epi32((int)(uint32_t)(b >> 32));
-      }
-    } else {
-      alignas(64) uint32_t b0[L * G], b1[L * G];
-      for (int l = 0; l < L * G; ++l) {
-        b0[l] = (uint32_t)(b + (uint64_t)l);
-        b1[l] = (uint32_t)((b + (uint64_t)l) >> 32);
-      }
-      for (int i = 0; i < G; ++i) {
-        c0[i] = _mm512_load_si512(b0 + L * i);
-        c1[i] = _mm512_load_si512(b1 + L * i);
-      }
-    }
-    for (int i = 0; i < G; ++i) {
-      c2[i] = O0;
-      c3[i] = O1;
-    }
-    uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
-    for (int r = 0; r < 10; ++r) {
-      if (r > 0) {
-        k0 += kPhiloxW0;
-        k1 += kPhiloxW1;
-      }
-      const __m512i K0 = _mm512_set1_epi32((int)k0), K1 = _mm512_set1_epi32((int)k1);
-      for (int i = 0; i < G; ++i) {
-        __m512i lo0, lo1;
-        const __m512i hi0 = mulhilo_avx512(c0[i], M0, &lo0), hi1 = mulhilo_avx512(c2[i], M1, &lo1);
-        c0[i] = _mm512_ternarylogic_epi32(hi1, c1[i], K0, 0x96);
-        c2[i] = _mm512_ternarylogic_epi32(hi0, c3[i], K1, 0x96);
-        c1[i] = lo1;
-        c3[i] = lo0;
-      }
-    }
+    counters_avx512<G>(first + (uint64_t)g, offset, c0, c1, c2, c3);
+    rounds_avx512<G>(seed, c0, c1, c2, c3);
     for (int i = 0; i < G; ++i) {  // 4 x 16 transpose
       const __m512i t0 = _mm512_unpacklo_epi32(c0[i], c1[i]), t1 = _mm512_unpackhi_epi32(c0[i], c1[i]);
       const __m512i t2 = _mm512_unpacklo_epi32(c2[i], c3[i]), t3 = _mm512_unpackhi_epi32(c2[i], c3[i]);
@@ -186,6 +200,34 @@ __attribute__((target("avx512f"))) void blocks_avx512_g(uint64_t seed, uint64_t 
       _mm512_storeu_si512(o + 16, _mm512_shuffle_i32x4(v0, v1, 0xDD));
       _mm512_storeu_si512(o + 32, _mm512_shuffle_i32x4(v2, v3, 0x88));
       _mm512_storeu_si512(o + 48, _mm512_shuffle_i32x4(v2, v3, 0xDD));
+    }
+  }
+}
+
+// Pixel masking fused with G groups of 16 blocks (nb a multiple of 16 G): y[k] = x[k] where
+// word k of blocks first.. is kept, else fill. The words never leave the registers: lane j
+// of c_l is word 4 j + l, so the four 16-bit keep masks are interleaved bit by bit with pdep
+// into one 64-bit mask over the 64 elements (no transpose, no word buffer, no second pass).
+template <int G>
+__attribute__((target("avx512f,bmi2"))) void mask_pixel_avx512_g(uint64_t seed, uint64_t offset,
+                                                                 uint64_t first, int64_t nb, const float* x,
+                                                                 float* y, uint32_t thr, float fill) {
+  constexpr int L = 16;
+  const __m512i T = _mm512_set1_epi32((int)thr);
+  const __m512 F = _mm512_set1_ps(fill);
+  for (int64_t g = 0; g < nb; g += L * G) {
+    __m512i c0[G], c1[G], c2[G], c3[G];
+    counters_avx512<G>(first + (uint64_t)g, offset, c0, c1, c2, c3);
+    rounds_avx512<G>(seed, c0, c1, c2, c3);
+    for (int i = 0; i < G; ++i) {  // philox_keep: (w >> 8) >= thr
+      const uint64_t m =
+          _pdep_u64(_mm512_cmpge_epu32_mask(_mm512_srli_epi32(c0[i], 8), T), 0x1111111111111111ull) |
+          _pdep_u64(_mm512_cmpge_epu32_mask(_mm512_srli_epi32(c1[i], 8), T), 0x2222222222222222ull) |
+          _pdep_u64(_mm512_cmpge_epu32_mask(_mm512_srli_epi32(c2[i], 8), T), 0x4444444444444444ull) |
+          _pdep_u64(_mm512_cmpge_epu32_mask(_mm512_srli_epi32(c3[i], 8), T), 0x8888888888888888ull);
+      const int64_t e = 4 * (g + L * i);
+      for (int q = 0; q < 4; ++q)
+        _mm512_storeu_ps(y + e + 16 * q, _mm512_mask_loadu_ps(F, (__mmask16)(m >> (16 * q)), x + e + 16 * q));
     }
   }
 }
@@ -265,6 +307,36 @@ void philox_words(uint64_t seed, uint64_t offset, uint64_t start, int64_t n, uin
     Philox4 b = philox_block(seed, offset, (start + j) >> 2);
     for (int l = 0; j < n; ++j, ++l) out[j] = b.v[l];
   }
+}
+
+// y[t] = philox_keep(word start + t, thr) ? x[t] : fill, 0 <= t < n (float32 pixel masks;
+// y may be x). With AVX-512 the whole 64-word groups go through mask_pixel_avx512_g, the
+// ragged ends (and other ISAs) through philox_words + mask_pixel_f32: the same bits.
+void mask_pixel_stream_f32(uint64_t seed, uint64_t offset, uint64_t start, int64_t n, const float* x,
+                           float* y, uint32_t thr, float fill) {
+  auto generic = [&](int64_t j, int64_t len) {
+    uint32_t words[kWordChunk];
+    for (int64_t s = j; s < j + len; s += kWordChunk) {
+      const int64_t l = std::min(kWordChunk, j + len - s);
+      philox_words(seed, offset, start + (uint64_t)s, l, words);
+      mask_pixel_f32(x + s, words, y + s, l, thr, fill);
+    }
+  };
+#if FASTMASK_X86_SIMD
+  if (wide_blocks().fn == blocks_avx512 && n >= 128) {
+    const int64_t head = std::min<int64_t>(n, (int64_t)((64 - (start & 63)) & 63));
+    generic(0, head);
+    const uint64_t first = (start + (uint64_t)head) >> 2;  // a multiple of 16 blocks
+    const int64_t nb = (n - head) / 64 * 16, big = nb / 64 * 64;
+    mask_pixel_avx512_g<4>(seed, offset, first, big, x + head, y + head, thr, fill);
+    mask_pixel_avx512_g<1>(seed, offset, first + (uint64_t)big, nb - big, x + head + 4 * big,
+                           y + head + 4 * big, thr, fill);
+    const int64_t done = head + 4 * nb;
+    generic(done, n - done);
+    return;
+  }
+#endif
+  generic(0, n);
 }
 
 void philox_normals(uint64_t seed, uint64_t offset, uint64_t start, int64_t n, float* out) {
