@@ -1,7 +1,7 @@
 """Command line: fastmask reproduce | train | attack.
 
     fastmask reproduce [--model mlp|cnn] [--preset smoke|default|full] [--out DIR] ...
-    fastmask train --out DIR [--mask-ratio R --mask-scope sample|fixed ...] [--adv-train fgsm]
+    fastmask train --out DIR [--mask-ratio R --mask-scope sample|fixed ...] [--adv-train fgsm|pgd [--adv-steps K]]
     fastmask attack --checkpoint PATH [--eps ...] [--json]
     fastmask evaluate --checkpoint NAME=PATH ... [--surrogate PATH] --out DIR   (honest evaluation)
     fastmask reproduce --honest [--seeds N]   (Table I over seeds + honest evaluation)
