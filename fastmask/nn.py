@@ -80,9 +80,9 @@ class FeatureMask(torch.nn.Module):
                 and x.dtype in ops.FLOAT_DTYPES):
             # the hot path of a training step: the arguments were checked in __init__, and
             # the C++ op checks them again, so skip the Python checks (~20 us a call)
-            return torch.ops.fastmask.mask_apply(x, self.ratio, ops._u64("seed", self.seed),
-                                                 ops._u64("offset", offset), self.mode, self.scope,
-                                                 self.channels, self.fill)
+            return ops._mask_apply_int(x, self.ratio, ops._u64("seed", self.seed),
+                                       ops._u64("offset", offset), self.mode, self.scope,
+                                       self.channels, self.fill)
         return ops.mask_apply(x, self.ratio, seed=self.seed, offset=offset, mode=self.mode,
                               scope=self.scope, channels=self.channels, fill=self.fill)
 
