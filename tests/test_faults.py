@@ -35,9 +35,15 @@ def argv(out, data_dir):
             "--data-dir", str(data_dir), "--rows", ",".join(ROWS)]
 
 
+def _default_sigint():
+    # A shell's background job inherits SIGINT ignored, and Python then installs no Ctrl-C
+    # handler: give the run the default disposition a terminal user has.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(out, data_dir):
     return subprocess.Popen(argv(out, data_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=ENV)
+                            text=True, env=ENV, preexec_fn=_default_sigint)
 
 
 def run_until(proc, ready, sig, delay=0.0, timeout=300):
