@@ -447,7 +447,8 @@ def test_gaussian_float32_math_accuracy():
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
 def test_philox_simd_paths_match_reference(isa):
     """Every SIMD Philox path (FASTMASK_CPU_ISA caps the run-time choice) gives the words
-    of the scalar reference at unaligned starts and odd lengths, for every scope."""
+    of the scalar reference at unaligned starts and odd lengths, for every scope, and the
+    fused float32 kernels (pixel masks, random_start) the reference's values."""
     import subprocess
     import sys
     code = f"""
@@ -469,6 +470,17 @@ assert torch.equal(gb, ref.mask_apply_backward(x, 0.4, 3, 5, "pixel", "sample", 
 for start in (4 * (2**32 - 37) + 2, 4 * (2**33 - 5), 4 * (2**32 - 70)):  # the block counter carries
     got = torch.tensor(fastmask._C._philox_words(2**64 - 3, 5, start, 401), dtype=torch.int64)
     assert torch.equal(got, ref.philox(2**64 - 3, 5, 401, start=start)), start
+xs = x.clone()  # random_start: NaN / +-Inf entries, lengths around the 64-word groups, in place
+xs.view(-1)[::97], xs.view(-1)[5::101], xs.view(-1)[7::103] = float("nan"), float("inf"), -float("inf")
+for n in (16095, 1000, 191, 127, 64, 3):
+    xn = xs.view(-1)[:n].reshape(1, n)
+    for lo, hi in ((0.0, 1.0), (-2.0, 2.0)):
+        want = ref.random_start(xn, 0.3, 11, 2**63 + 1, "inf", lo, hi)
+        y = ops.random_start(xn, 0.3, 11, i64(2**63 + 1), "inf", lo, hi)
+        assert torch.equal(y.isnan(), want.isnan()) and torch.equal(y.nan_to_num(), want.nan_to_num()), (n, lo)
+        z = xn.clone()
+        ops.random_start_out(z, 0.3, 11, i64(2**63 + 1), "inf", lo, hi, z)
+        assert torch.equal(z.nan_to_num(), want.nan_to_num()), (n, lo)
 g = [torch.zeros(100003)]
 ops.grad_clip_noise_(g, None, 1.0, 9, 2**40, None, None, [])
 assert torch.equal(g[0], ref.normal(9, 2**40, g[0].numel()).float())

@@ -183,16 +183,16 @@ static void random_start_into(const at::Tensor& x, const at::Tensor& y, double e
     }
     const T e = (T)eps, l = (T)lo, h = (T)hi;
     at::parallel_for(0, x.numel(), kGrain, [&](int64_t b, int64_t end) {
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        random_start_stream_f32(s, o, (uint64_t)b, end - b, f32(xp) + b, f32(yp) + b, e, l, h);
+        return;
+      }
       uint32_t words[kWordChunk];
       for (int64_t k = b; k < end; k += kWordChunk) {
         int64_t len = std::min(kWordChunk, end - k);
         philox_words(s, o, (uint64_t)k, len, words);
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          random_start_inf_f32(f32(xp) + k, words, f32(yp) + k, len, e, l, h);
-        } else {
-          for (int64_t t = 0; t < len; ++t)
-            yp[k + t] = (scalar_t)random_start_inf_elem<T>((T)xp[k + t], words[t], e, l, h);
-        }
+        for (int64_t t = 0; t < len; ++t)
+          yp[k + t] = (scalar_t)random_start_inf_elem<T>((T)xp[k + t], words[t], e, l, h);
       }
     });
   });

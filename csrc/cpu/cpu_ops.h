@@ -89,6 +89,12 @@ void philox_normals(uint64_t seed, uint64_t offset, uint64_t start, int64_t n, f
 // be x): Philox and the select in one pass on AVX-512, philox_words + mask_pixel_f32 otherwise.
 void mask_pixel_stream_f32(uint64_t seed, uint64_t offset, uint64_t start, int64_t n, const float* x,
                            float* y, uint32_t thr, float fill);
+
+// y[t] = random_start_inf_elem(x[t], word start + t, eps, lo, hi), 0 <= t < n (float32, y may
+// be x): Philox and the step in one pass on AVX-512, philox_words + random_start_inf_f32 otherwise.
+void random_start_stream_f32(uint64_t seed, uint64_t offset, uint64_t start, int64_t n, const float* x,
+                             float* y, float eps, float lo, float hi);
+
 // The instruction set philox_words uses: "avx512", "avx2" or "scalar".
 const char* philox_isa();
 

@@ -5,6 +5,7 @@
 // variable FASTMASK_CPU_ISA=avx512|avx2|scalar caps the choice (for tests).
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "cpu_ops.h"
 #include "simd_loops.h"
@@ -32,68 +33,60 @@ void blocks_scalar(uint64_t seed, uint64_t offset, uint64_t first, int64_t nb, u
 }
 
 #if FASTMASK_X86_SIMD
-// Each SIMD lane holds one block (structure of arrays: c0..c3 of L blocks per vector);
-// several vectors are interleaved so the multiply latency of one hides behind the others.
-// hi/lo of M * c per 32-bit lane: vpmuludq multiplies the even lanes to 64 bits, the
-// odd lanes are shifted down first; blends put the halves back in place.
-
-__attribute__((target("avx2"))) inline __m256i mulhilo_avx2(__m256i c, __m256i m, __m256i* lo) {
-  const __m256i pe = _mm256_mul_epu32(c, m);
-  const __m256i po = _mm256_mul_epu32(_mm256_srli_epi64(c, 32), m);
+// The rounds come from philox_simd.inc, included once per ISA below with its primitives.
+// hi/lo of M * c per 32-bit lane: vpmuludq multiplies the even lanes to 64 bits, the odd
+// lanes are shifted down first; the halves are put back in place with blends (AVX2) or
+// two masked lane swaps (AVX-512: vpshufd with a merge mask).
+namespace avx2 {
+#define FASTMASK_TARGET __attribute__((target("avx2")))
+using V = __m256i;
+constexpr int L = 8;
+FASTMASK_TARGET inline V set1(uint32_t u) { return _mm256_set1_epi32((int)u); }
+FASTMASK_TARGET inline V iota() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
+FASTMASK_TARGET inline V add(V a, V b) { return _mm256_add_epi32(a, b); }
+FASTMASK_TARGET inline V xor2(V a, V b) { return _mm256_xor_si256(a, b); }
+FASTMASK_TARGET inline V xor3(V a, V b, V c) { return _mm256_xor_si256(_mm256_xor_si256(a, b), c); }
+FASTMASK_TARGET inline V load(const uint32_t* p) { return _mm256_load_si256((const V*)p); }
+FASTMASK_TARGET inline V mulhilo(V c, V m, V* lo) {
+  const V pe = _mm256_mul_epu32(c, m);
+  const V po = _mm256_mul_epu32(_mm256_srli_epi64(c, 32), m);
   *lo = _mm256_blend_epi32(pe, _mm256_slli_epi64(po, 32), 0xAA);
   return _mm256_blend_epi32(_mm256_srli_epi64(pe, 32), po, 0xAA);
 }
+#include "philox_simd.inc"
+#undef FASTMASK_TARGET
+}  // namespace avx2
 
-// kG groups of 8 blocks (nb a multiple of 8 kG).
+namespace avx512 {
+#define FASTMASK_TARGET __attribute__((target("avx512f")))
+using V = __m512i;
+constexpr int L = 16;
+FASTMASK_TARGET inline V set1(uint32_t u) { return _mm512_set1_epi32((int)u); }
+FASTMASK_TARGET inline V iota() {
+  return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+FASTMASK_TARGET inline V add(V a, V b) { return _mm512_add_epi32(a, b); }
+FASTMASK_TARGET inline V xor2(V a, V b) { return _mm512_xor_si512(a, b); }
+FASTMASK_TARGET inline V xor3(V a, V b, V c) { return _mm512_ternarylogic_epi32(a, b, c, 0x96); }
+FASTMASK_TARGET inline V load(const uint32_t* p) { return _mm512_load_si512(p); }
+FASTMASK_TARGET inline V mulhilo(V c, V m, V* lo) {
+  const V pe = _mm512_mul_epu32(c, m);                         // (lo, hi) of even lanes
+  const V po = _mm512_mul_epu32(_mm512_srli_epi64(c, 32), m);  // (lo, hi) of odd lanes
+  *lo = _mm512_mask_shuffle_epi32(pe, 0xAAAA, po, _MM_PERM_CDAB);
+  return _mm512_mask_shuffle_epi32(po, 0x5555, pe, _MM_PERM_CDAB);
+}
+#include "philox_simd.inc"
+#undef FASTMASK_TARGET
+}  // namespace avx512
+
+// kG groups of 8 blocks (nb a multiple of 8 kG), words stored in stream order.
 template <int kG>
 __attribute__((target("avx2"))) void blocks_avx2_g(uint64_t seed, uint64_t offset, uint64_t first,
                                                    int64_t nb, uint32_t* out) {
   constexpr int L = 8;
-  const __m256i M0 = _mm256_set1_epi32((int)kPhiloxM0), M1 = _mm256_set1_epi32((int)kPhiloxM1);
-  const __m256i O0 = _mm256_set1_epi32((int)(uint32_t)offset);
-  const __m256i O1 = _mm256_set1_epi32((int)(uint32_t)(offset >> 32));
   for (int64_t g = 0; g < nb; g += L * kG) {
     __m256i c0[kG], c1[kG], c2[kG], c3[kG];
-    const uint64_t b = first + (uint64_t)g;  // counter of the step's first block
-    if ((uint32_t)b <= 0xFFFFFFFFu - (uint32_t)(L * kG - 1)) {
-      // no carry into the high word inside this step: lanes are lo + 0, 1, ..., L kG - 1
-      const __m256i lo = _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)b),
-                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-      for (int i = 0; i < kG; ++i) {
-        c0[i] = _mm256_add_epi32(lo, _mm256_set1_epi32(L * i));
-        c1[i] = _mm256_set1_epi32((int)(uint32_t)(b >> 32));
-      }
-    } else {
-      alignas(32) uint32_t b0[L * kG], b1[L * kG];
-      for (int l = 0; l < L * kG; ++l) {
-        b0[l] = (uint32_t)(b + (uint64_t)l);
-        b1[l] = (uint32_t)((b + (uint64_t)l) >> 32);
-      }
-      for (int i = 0; i < kG; ++i) {
-        c0[i] = _mm256_load_si256((const __m256i*)(b0 + L * i));
-        c1[i] = _mm256_load_si256((const __m256i*)(b1 + L * i));
-      }
-    }
-    for (int i = 0; i < kG; ++i) {
-      c2[i] = O0;
-      c3[i] = O1;
-    }
-    uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
-    for (int r = 0; r < 10; ++r) {
-      if (r > 0) {
-        k0 += kPhiloxW0;
-        k1 += kPhiloxW1;
-      }
-      const __m256i K0 = _mm256_set1_epi32((int)k0), K1 = _mm256_set1_epi32((int)k1);
-      for (int i = 0; i < kG; ++i) {
-        __m256i lo0, lo1;
-        const __m256i hi0 = mulhilo_avx2(c0[i], M0, &lo0), hi1 = mulhilo_avx2(c2[i], M1, &lo1);
-        c0[i] = _mm256_xor_si256(_mm256_xor_si256(hi1, c1[i]), K0);
-        c2[i] = _mm256_xor_si256(_mm256_xor_si256(hi0, c3[i]), K1);
-        c1[i] = lo1;
-        c3[i] = lo0;
-      }
-    }
+    avx2::philox<kG>(seed, offset, first + (uint64_t)g, c0, c1, c2, c3);
     for (int i = 0; i < kG; ++i) {  // 4 x 8 transpose: blocks back to (c0, c1, c2, c3) order
       const __m256i t0 = _mm256_unpacklo_epi32(c0[i], c1[i]), t1 = _mm256_unpackhi_epi32(c0[i], c1[i]);
       const __m256i t2 = _mm256_unpacklo_epi32(c2[i], c3[i]), t3 = _mm256_unpackhi_epi32(c2[i], c3[i]);
@@ -115,92 +108,40 @@ void blocks_avx2(uint64_t seed, uint64_t offset, uint64_t first, int64_t nb, uin
   blocks_avx2_g<1>(seed, offset, first + (uint64_t)big, nb - big, out + 4 * big);
 }
 
-// hi/lo with two masked lane swaps (vpshufd with a merge mask) instead of shifts + blends.
-__attribute__((target("avx512f"))) inline __m512i mulhilo_avx512(__m512i c, __m512i m, __m512i* lo) {
-  const __m512i pe = _mm512_mul_epu32(c, m);                      // (lo, hi) of even lanes
-  const __m512i po = _mm512_mul_epu32(_mm512_srli_epi64(c, 32), m);  // (lo, hi) of odd lanes
-  *lo = _mm512_mask_shuffle_epi32(pe, 0xAAAA, po, _MM_PERM_CDAB);
-  return _mm512_mask_shuffle_epi32(po, 0x5555, pe, _MM_PERM_CDAB);
+// The 64 words of one group in stream order: out[q] holds words 16 q .. 16 q + 15 (a 4 x 16
+// transpose of the structure of arrays).
+__attribute__((target("avx512f"))) inline void transpose_avx512(__m512i c0, __m512i c1, __m512i c2,
+                                                                __m512i c3, __m512i* out) {
+  const __m512i t0 = _mm512_unpacklo_epi32(c0, c1), t1 = _mm512_unpackhi_epi32(c0, c1);
+  const __m512i t2 = _mm512_unpacklo_epi32(c2, c3), t3 = _mm512_unpackhi_epi32(c2, c3);
+  // u0: blocks 0 4 8 12, u1: 1 5 9 13, u2: 2 6 10 14, u3: 3 7 11 15 (one per 128-bit lane)
+  const __m512i u0 = _mm512_unpacklo_epi64(t0, t2), u1 = _mm512_unpackhi_epi64(t0, t2);
+  const __m512i u2 = _mm512_unpacklo_epi64(t1, t3), u3 = _mm512_unpackhi_epi64(t1, t3);
+  const __m512i v0 = _mm512_shuffle_i32x4(u0, u1, 0x44), v1 = _mm512_shuffle_i32x4(u2, u3, 0x44);
+  const __m512i v2 = _mm512_shuffle_i32x4(u0, u1, 0xEE), v3 = _mm512_shuffle_i32x4(u2, u3, 0xEE);
+  out[0] = _mm512_shuffle_i32x4(v0, v1, 0x88);
+  out[1] = _mm512_shuffle_i32x4(v0, v1, 0xDD);
+  out[2] = _mm512_shuffle_i32x4(v2, v3, 0x88);
+  out[3] = _mm512_shuffle_i32x4(v2, v3, 0xDD);
 }
 
-// Counters of blocks b .. b + 16 G - 1 in G groups of 16 lanes (structure of arrays).
+// The 64 G words of blocks b .. b + 16 G - 1 in stream order: w[q] = words 16 q .. 16 q + 15.
 template <int G>
-__attribute__((target("avx512f"))) inline void counters_avx512(uint64_t b, uint64_t offset, __m512i* c0,
-                                                               __m512i* c1, __m512i* c2, __m512i* c3) {
-  constexpr int L = 16;
-  if ((uint32_t)b <= 0xFFFFFFFFu - (uint32_t)(L * G - 1)) {
-    // no carry into the high word inside this step: lanes are lo + 0, 1, ..., L G - 1
-    const __m512i lo = _mm512_add_epi32(
-        _mm512_set1_epi32((int)(uint32_t)b),
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-    for (int i = 0; i < G; ++i) {
-      c0[i] = _mm512_add_epi32(lo, _mm512_set1_epi32(L * i));
-      c1[i] = _mm512_set1_epi32((int)(uint32_t)(b >> 32));
-    }
-  } else {
-    alignas(64) uint32_t b0[L * G], b1[L * G];
-    for (int l = 0; l < L * G; ++l) {
-      b0[l] = (uint32_t)(b + (uint64_t)l);
-      b1[l] = (uint32_t)((b + (uint64_t)l) >> 32);
-    }
-    for (int i = 0; i < G; ++i) {
-      c0[i] = _mm512_load_si512(b0 + L * i);
-      c1[i] = _mm512_load_si512(b1 + L * i);
-    }
-  }
-  for (int i = 0; i < G; ++i) {
-    c2[i] = _mm512_set1_epi32((int)(uint32_t)offset);
-    c3[i] = _mm512_set1_epi32((int)(uint32_t)(offset >> 32));
-  }
-}
-
-// The 10 rounds on G groups (interleaved, so one group's multiply latency hides behind
-// the others'); a ^ b ^ c is one vpternlogd.
-template <int G>
-__attribute__((target("avx512f"))) inline void rounds_avx512(uint64_t seed, __m512i* c0, __m512i* c1,
-                                                             __m512i* c2, __m512i* c3) {
-  const __m512i M0 = _mm512_set1_epi32((int)kPhiloxM0), M1 = _mm512_set1_epi32((int)kPhiloxM1);
-  uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
-  for (int r = 0; r < 10; ++r) {
-    if (r > 0) {
-      k0 += kPhiloxW0;
-      k1 += kPhiloxW1;
-    }
-    const __m512i K0 = _mm512_set1_epi32((int)k0), K1 = _mm512_set1_epi32((int)k1);
-    for (int i = 0; i < G; ++i) {
-      __m512i lo0, lo1;
-      const __m512i hi0 = mulhilo_avx512(c0[i], M0, &lo0), hi1 = mulhilo_avx512(c2[i], M1, &lo1);
-      c0[i] = _mm512_ternarylogic_epi32(hi1, c1[i], K0, 0x96);
-      c2[i] = _mm512_ternarylogic_epi32(hi0, c3[i], K1, 0x96);
-      c1[i] = lo1;
-      c3[i] = lo0;
-    }
-  }
+__attribute__((target("avx512f"))) inline void words_avx512(uint64_t seed, uint64_t offset, uint64_t b,
+                                                            __m512i* w) {
+  __m512i c0[G], c1[G], c2[G], c3[G];
+  avx512::philox<G>(seed, offset, b, c0, c1, c2, c3);
+  for (int i = 0; i < G; ++i) transpose_avx512(c0[i], c1[i], c2[i], c3[i], w + 4 * i);
 }
 
 // G groups of 16 blocks (nb a multiple of 16 G), words stored in stream order.
 template <int G>
 __attribute__((target("avx512f"))) void blocks_avx512_g(uint64_t seed, uint64_t offset,
                                                         uint64_t first, int64_t nb, uint32_t* out) {
-  constexpr int L = 16;
-  for (int64_t g = 0; g < nb; g += L * G) {
-    __m512i c0[G], c1[G], c2[G], c3[G];
-    counters_avx512<G>(first + (uint64_t)g, offset, c0, c1, c2, c3);
-    rounds_avx512<G>(seed, c0, c1, c2, c3);
-    for (int i = 0; i < G; ++i) {  // 4 x 16 transpose
-      const __m512i t0 = _mm512_unpacklo_epi32(c0[i], c1[i]), t1 = _mm512_unpackhi_epi32(c0[i], c1[i]);
-      const __m512i t2 = _mm512_unpacklo_epi32(c2[i], c3[i]), t3 = _mm512_unpackhi_epi32(c2[i], c3[i]);
-      // u0: blocks 0 4 8 12, u1: 1 5 9 13, u2: 2 6 10 14, u3: 3 7 11 15 (one per 128-bit lane)
-      const __m512i u0 = _mm512_unpacklo_epi64(t0, t2), u1 = _mm512_unpackhi_epi64(t0, t2);
-      const __m512i u2 = _mm512_unpacklo_epi64(t1, t3), u3 = _mm512_unpackhi_epi64(t1, t3);
-      const __m512i v0 = _mm512_shuffle_i32x4(u0, u1, 0x44), v1 = _mm512_shuffle_i32x4(u2, u3, 0x44);
-      const __m512i v2 = _mm512_shuffle_i32x4(u0, u1, 0xEE), v3 = _mm512_shuffle_i32x4(u2, u3, 0xEE);
-      uint32_t* o = out + 4 * (g + L * i);
-      _mm512_storeu_si512(o + 0, _mm512_shuffle_i32x4(v0, v1, 0x88));
-      _mm512_storeu_si512(o + 16, _mm512_shuffle_i32x4(v0, v1, 0xDD));
-      _mm512_storeu_si512(o + 32, _mm512_shuffle_i32x4(v2, v3, 0x88));
-      _mm512_storeu_si512(o + 48, _mm512_shuffle_i32x4(v2, v3, 0xDD));
-    }
+  for (int64_t g = 0; g < nb; g += 16 * G) {
+    __m512i w[4 * G];
+    words_avx512<G>(seed, offset, first + (uint64_t)g, w);
+    for (int q = 0; q < 4 * G; ++q) _mm512_storeu_si512(out + 4 * g + 16 * q, w[q]);
   }
 }
 
@@ -217,8 +158,7 @@ __attribute__((target("avx512f,bmi2"))) void mask_pixel_avx512_g(uint64_t seed, 
   const __m512 F = _mm512_set1_ps(fill);
   for (int64_t g = 0; g < nb; g += L * G) {
     __m512i c0[G], c1[G], c2[G], c3[G];
-    counters_avx512<G>(first + (uint64_t)g, offset, c0, c1, c2, c3);
-    rounds_avx512<G>(seed, c0, c1, c2, c3);
+    avx512::philox<G>(seed, offset, first + (uint64_t)g, c0, c1, c2, c3);
     for (int i = 0; i < G; ++i) {  // philox_keep: (w >> 8) >= thr
       const uint64_t m =
           _pdep_u64(_mm512_cmpge_epu32_mask(_mm512_srli_epi32(c0[i], 8), T), 0x1111111111111111ull) |
@@ -228,6 +168,28 @@ __attribute__((target("avx512f,bmi2"))) void mask_pixel_avx512_g(uint64_t seed, 
       const int64_t e = 4 * (g + L * i);
       for (int q = 0; q < 4; ++q)
         _mm512_storeu_ps(y + e + 16 * q, _mm512_mask_loadu_ps(F, (__mmask16)(m >> (16 * q)), x + e + 16 * q));
+    }
+  }
+}
+
+// random_start (L-inf, float32) fused with G groups of 16 blocks (nb a multiple of 16 G):
+// y[k] = clamp(x[k] + eps (2 u(word k) - 1), lo, hi), the IEEE operations of
+// random_start_inf_elem in its order: 2 u = (w >> 8) 2^-23 exactly, max_ps(lo, v) is
+// fm_max(v, lo) and min_ps(hi, m) is fm_min(m, hi), NaN included (lo, hi are not NaN).
+template <int G>
+__attribute__((target("avx512f"))) void random_start_inf_avx512_g(uint64_t seed, uint64_t offset,
+                                                                  uint64_t first, int64_t nb, const float* x,
+                                                                  float* y, float eps, float lo, float hi) {
+  const __m512 E = _mm512_set1_ps(eps), LO = _mm512_set1_ps(lo), HI = _mm512_set1_ps(hi);
+  const __m512 S = _mm512_set1_ps(0x1p-23f), ONE = _mm512_set1_ps(1.0f);
+  for (int64_t g = 0; g < nb; g += 16 * G) {
+    __m512i w[4 * G];
+    words_avx512<G>(seed, offset, first + (uint64_t)g, w);
+    for (int q = 0; q < 4 * G; ++q) {
+      const int64_t e = 4 * g + 16 * q;
+      const __m512 t = _mm512_sub_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(w[q], 8)), S), ONE);
+      const __m512 v = _mm512_add_ps(_mm512_loadu_ps(x + e), _mm512_mul_ps(E, t));
+      _mm512_storeu_ps(y + e, _mm512_min_ps(HI, _mm512_max_ps(LO, v)));
     }
   }
 }
@@ -309,34 +271,79 @@ void philox_words(uint64_t seed, uint64_t offset, uint64_t start, int64_t n, uin
   }
 }
 
-// y[t] = philox_keep(word start + t, thr) ? x[t] : fill, 0 <= t < n (float32 pixel masks;
-// y may be x). With AVX-512 the whole 64-word groups go through mask_pixel_avx512_g, the
-// ragged ends (and other ISAs) through philox_words + mask_pixel_f32: the same bits.
-void mask_pixel_stream_f32(uint64_t seed, uint64_t offset, uint64_t start, int64_t n, const float* x,
-                           float* y, uint32_t thr, float fill) {
-  auto generic = [&](int64_t j, int64_t len) {
-    uint32_t words[kWordChunk];
-    for (int64_t s = j; s < j + len; s += kWordChunk) {
-      const int64_t l = std::min(kWordChunk, j + len - s);
-      philox_words(seed, offset, start + (uint64_t)s, l, words);
-      mask_pixel_f32(x + s, words, y + s, l, thr, fill);
-    }
-  };
+namespace {
+
+// Words start .. start + n - 1 of a float32 stream kernel: with AVX-512, fused(G, first, nb, j)
+// runs the whole 64-word groups (nb blocks from block `first`, element j on) with G = 4 then 1
+// interleaved groups, and generic(j, len) the ragged ends; without, generic(0, n) does all.
+template <class Generic, class Fused>
+void stream_f32(uint64_t start, int64_t n, Generic generic, Fused fused) {
 #if FASTMASK_X86_SIMD
   if (wide_blocks().fn == blocks_avx512 && n >= 128) {
     const int64_t head = std::min<int64_t>(n, (int64_t)((64 - (start & 63)) & 63));
     generic(0, head);
     const uint64_t first = (start + (uint64_t)head) >> 2;  // a multiple of 16 blocks
     const int64_t nb = (n - head) / 64 * 16, big = nb / 64 * 64;
-    mask_pixel_avx512_g<4>(seed, offset, first, big, x + head, y + head, thr, fill);
-    mask_pixel_avx512_g<1>(seed, offset, first + (uint64_t)big, nb - big, x + head + 4 * big,
-                           y + head + 4 * big, thr, fill);
+    fused(std::integral_constant<int, 4>{}, first, big, head);
+    fused(std::integral_constant<int, 1>{}, first + (uint64_t)big, nb - big, head + 4 * big);
     const int64_t done = head + 4 * nb;
     generic(done, n - done);
     return;
   }
 #endif
+  (void)fused;
   generic(0, n);
+}
+
+// body(words, j, len) over words start + j .. start + j + len - 1 in chunks of kWordChunk.
+template <class Body>
+void word_chunks(uint64_t seed, uint64_t offset, uint64_t start, int64_t j, int64_t len, Body body) {
+  uint32_t words[kWordChunk];
+  for (int64_t s = j; s < j + len; s += kWordChunk) {
+    const int64_t l = std::min(kWordChunk, j + len - s);
+    philox_words(seed, offset, start + (uint64_t)s, l, words);
+    body(words, s, l);
+  }
+}
+
+}  // namespace
+
+// y[t] = philox_keep(word start + t, thr) ? x[t] : fill, 0 <= t < n (float32 pixel masks;
+// y may be x). With AVX-512 the whole 64-word groups go through mask_pixel_avx512_g, the
+// ragged ends (and other ISAs) through philox_words + mask_pixel_f32: the same bits.
+void mask_pixel_stream_f32(uint64_t seed, uint64_t offset, uint64_t start, int64_t n, const float* x,
+                           float* y, uint32_t thr, float fill) {
+  stream_f32(
+      start, n,
+      [&](int64_t j, int64_t len) {
+        word_chunks(seed, offset, start, j, len, [&](const uint32_t* w, int64_t s, int64_t l) {
+          mask_pixel_f32(x + s, w, y + s, l, thr, fill);
+        });
+      },
+      [&](auto G, uint64_t first, int64_t nb, int64_t j) {
+#if FASTMASK_X86_SIMD
+        mask_pixel_avx512_g<decltype(G)::value>(seed, offset, first, nb, x + j, y + j, thr, fill);
+#endif
+      });
+}
+
+// y[t] = random_start_inf_elem(x[t], word start + t, eps, lo, hi), 0 <= t < n (float32; y may
+// be x): fused on AVX-512 (random_start_inf_avx512_g), philox_words + random_start_inf_f32
+// otherwise and at the ragged ends.
+void random_start_stream_f32(uint64_t seed, uint64_t offset, uint64_t start, int64_t n, const float* x,
+                             float* y, float eps, float lo, float hi) {
+  stream_f32(
+      start, n,
+      [&](int64_t j, int64_t len) {
+        word_chunks(seed, offset, start, j, len, [&](const uint32_t* w, int64_t s, int64_t l) {
+          random_start_inf_f32(x + s, w, y + s, l, eps, lo, hi);
+        });
+      },
+      [&](auto G, uint64_t first, int64_t nb, int64_t j) {
+#if FASTMASK_X86_SIMD
+        random_start_inf_avx512_g<decltype(G)::value>(seed, offset, first, nb, x + j, y + j, eps, lo, hi);
+#endif
+      });
 }
 
 void philox_normals(uint64_t seed, uint64_t offset, uint64_t start, int64_t n, float* out) {
