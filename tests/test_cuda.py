@@ -34,9 +34,10 @@ MODES = ["pixel", "blur", "block"]
 SCOPES = ["sample", "fixed"]
 CHANNELS = ["shared", "separate"]
 # odd sizes (H*W % 4 != 0), H*W % 4 == 0 but % 8 != 0, one tile, several 32x32 tiles
-# (ragged, and H*W % 16 == 0), 1x1, a column
+# (ragged, and H*W % 16 == 0), 1x1, a column; one channel (per-sample masks take the
+# kernels' identity-index path then, with groups across planes when H*W % 4 != 0)
 SHAPES = [(3, 2, 5, 7), (3, 2, 6, 2), (4, 3, 28, 28), (2, 3, 70, 45), (2, 2, 64, 48),
-          (5, 1, 1, 1), (2, 4, 33, 1)]
+          (5, 1, 1, 1), (2, 4, 33, 1), (6, 1, 28, 28), (3, 1, 5, 7)]
 BIG_SEED = 2**64 - 12345  # >= 2^63: crosses the schema as a negative int64
 
 

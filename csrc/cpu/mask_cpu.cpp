@@ -109,9 +109,9 @@ static void mask_apply_kernel(const scalar_t* x, scalar_t* y, const MaskParams& 
   const int64_t HW = p.H * p.W, total = p.N * p.C * HW;
   const std::vector<uint32_t> fixed = fixed_words(p);
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (p.spec.mode == MaskMode::Pixel && p.spec.per_sample && (p.spec.separate || p.C == 1)) {
-      // word index == element index: one stream over each thread's whole range, no per-plane
-      // pieces (their ragged ends cost a third of a 28x28 plane)
+    if (p.spec.mode == MaskMode::Pixel && mask_index_is_element(p.spec.per_sample, p.spec.separate, p.C)) {
+      // one stream over each thread's whole range, no per-plane pieces (their ragged ends
+      // cost a third of a 28x28 plane)
       at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
         mask_pixel_stream_f32(p.seed, p.offset, (uint64_t)begin, end - begin, f32(x) + begin, f32(y) + begin,
                               p.threshold, (float)fill_s);

@@ -51,11 +51,23 @@ __global__ void block_rect_kernel(MaskParams p, int64_t units, BlockRect* rects)
 }
 
 // Keep decisions of the cnt (<= G) consecutive elements from linear index i0 (a
-// multiple of G). whole: H*W % G == 0, so a full group lies inside one plane.
+// multiple of G). whole: H*W % G == 0, so a full group lies inside one plane. identity:
+// pixel mode with mask_index_is_element, so a full group draws blocks i0/4 .. with no
+// division (two 64-bit divmods per group cost about as much as its Philox blocks).
 template <int G>
 __device__ __forceinline__ void group_keep(const MaskParams& p, const BlockRect* rects,
-                                           int64_t i0, int cnt, bool whole, bool (&keep)[G]) {
+                                           int64_t i0, int cnt, bool whole, bool identity,
+                                           bool (&keep)[G]) {
   static_assert(G % 4 == 0, "a group must cover whole Philox blocks");
+  if (identity && cnt == G) {
+#pragma unroll
+    for (int b = 0; b < G / 4; ++b) {
+      const Philox4 w = philox_block(p.seed, p.offset, ((uint64_t)i0 >> 2) + b);
+#pragma unroll
+      for (int l = 0; l < 4; ++l) keep[4 * b + l] = philox_keep(w.v[l], p.threshold);
+    }
+    return;
+  }
   const int64_t HW = p.H * p.W;
   int64_t plane, j, n, c;
   divmod(i0, HW, plane, j);
@@ -112,7 +124,8 @@ __device__ __forceinline__ void group_keep(const MaskParams& p, const BlockRect*
 // y = x where kept, fill elsewhere (pixel, block; the backward with fill 0).
 template <typename scalar_t>
 __global__ void mask_apply_kernel(const scalar_t* x, scalar_t* y, MaskParams p,
-                                  const BlockRect* rects, scalar_t fill, bool vec, bool whole) {
+                                  const BlockRect* rects, scalar_t fill, bool vec, bool whole,
+                                  bool identity) {
   constexpr int G = group_size<scalar_t>();
   const int64_t total = p.N * p.C * p.H * p.W;
   for (int64_t i0 = first_group<G>(); i0 < total; i0 += group_stride<G>()) {
@@ -120,7 +133,7 @@ __global__ void mask_apply_kernel(const scalar_t* x, scalar_t* y, MaskParams p,
     bool keep[G];
     Group<scalar_t, G> v;
     load_group<scalar_t, G>(x, i0, cnt, vec, v);  // issue the load first: Philox hides its latency
-    group_keep<G>(p, rects, i0, cnt, whole, keep);
+    group_keep<G>(p, rects, i0, cnt, whole, identity, keep);
 #pragma unroll
     for (int t = 0; t < G; ++t) v.v[t] = keep[t] ? v.v[t] : fill;
     store_group<scalar_t, G>(y, i0, cnt, vec, v);
@@ -129,13 +142,13 @@ __global__ void mask_apply_kernel(const scalar_t* x, scalar_t* y, MaskParams p,
 
 // out = keep (bool), 16 elements per thread (one 16-byte store).
 __global__ void mask_generate_kernel(bool* out, MaskParams p, const BlockRect* rects,
-                                     bool vec, bool whole) {
+                                     bool vec, bool whole, bool identity) {
   constexpr int G = 16;
   const int64_t total = p.N * p.C * p.H * p.W;
   for (int64_t i0 = first_group<G>(); i0 < total; i0 += group_stride<G>()) {
     const int cnt = group_count<G>(total, i0);
     Group<bool, G> keep;
-    group_keep<G>(p, rects, i0, cnt, whole, keep.v);
+    group_keep<G>(p, rects, i0, cnt, whole, identity, keep.v);
     store_group<bool, G>(out, i0, cnt, vec, keep);
   }
 }
@@ -279,6 +292,10 @@ at::Tensor block_rects(const MaskParams& p, const at::Device& device) {
   return rects;
 }
 
+bool pixel_identity(const MaskParams& p) {
+  return p.spec.mode == MaskMode::Pixel && mask_index_is_element(p.spec.per_sample, p.spec.separate, p.C);
+}
+
 const BlockRect* rect_ptr(const at::Tensor& rects) {
   return rects.defined() ? reinterpret_cast<const BlockRect*>(rects.const_data_ptr<int64_t>())
                          : nullptr;
@@ -294,7 +311,8 @@ void mask_generate_launch(const at::Tensor& out, const MaskParams& p) {
   }
   at::Tensor rects = block_rects(p, out.device());
   mask_generate_kernel<<<grid_for((total + 15) / 16), kThreads, 0, stream()>>>(
-      out.data_ptr<bool>(), p, rect_ptr(rects), aligned16(out.data_ptr()), (p.H * p.W) % 16 == 0);
+      out.data_ptr<bool>(), p, rect_ptr(rects), aligned16(out.data_ptr()), (p.H * p.W) % 16 == 0,
+      pixel_identity(p));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -330,7 +348,7 @@ at::Tensor mask_forward_or_backward(const at::Tensor& x_in, const char* name, do
     const scalar_t fill_s = (scalar_t)(T)(backward ? 0.0 : fill);
     const bool vec = aligned16(xp) && aligned16(yp);
     mask_apply_kernel<scalar_t><<<grid_for((total + G - 1) / G), kThreads, 0, stream()>>>(
-        xp, yp, p, rect_ptr(rects), fill_s, vec, (p.H * p.W) % G == 0);
+        xp, yp, p, rect_ptr(rects), fill_s, vec, (p.H * p.W) % G == 0, pixel_identity(p));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return y;

@@ -15,6 +15,13 @@ FASTMASK_HD int64_t mask_unit(int64_t n, int64_t c, int64_t C, bool per_sample, 
   return per_sample ? (separate ? n * C + c : n) : (separate ? c : 0);
 }
 
+// True when the mask index of every element is its own linear index (unit * H*W + j == i):
+// per-sample masks with separate channels or one channel. Pixel kernels then draw word i
+// for element i with no index arithmetic (one stream over a whole range).
+FASTMASK_HD bool mask_index_is_element(bool per_sample, bool separate, int64_t C) {
+  return per_sample && (separate || C == 1);
+}
+
 // Number of mask units (block mode) / the mask index space is units * H * W.
 FASTMASK_HD int64_t mask_units(int64_t N, int64_t C, bool per_sample, bool separate) {
   return (per_sample ? N : 1) * (separate ? C : 1);
