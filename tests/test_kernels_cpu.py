@@ -112,14 +112,21 @@ def test_mask_ops_match_reference_bitwise(mode, scope, channels, dtype):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_mask_ops_large_planes_match_reference(mode):
-    # planes of 9000 elements: the kernels cut them into pieces (and threads) mid-row
-    x = randn((2, 1, 100, 90), seed=5)
-    a = (0.3, 2, 3, mode, "sample", "separate")
-    for threads_n in (1, 2):
+@pytest.mark.parametrize("shape,channels", [((2, 1, 100, 90), "separate"), ((5, 3, 61, 59), "shared")])
+def test_mask_ops_large_planes_match_reference(mode, shape, channels):
+    # planes of 9000 / 3599 elements: the kernels cut them into pieces (and threads) mid-row;
+    # shared channels: one word per pixel applied to the 3 channel planes, pieces that start
+    # inside a plane and inside a Philox block with 2 and 3 threads
+    x = randn(shape, seed=5)
+    a = (0.3, 2, 3, mode, "sample", channels)
+    want, want_b = ref.mask_apply(x, *a, -1.0), ref.mask_apply_backward(x, *a)
+    for threads_n in (1, 2, 3):
         with threads(threads_n):
-            assert torch.equal(ops.mask_apply(x, *a, -1.0), ref.mask_apply(x, *a, -1.0))
-            assert torch.equal(ops.mask_apply_backward(x, *a), ref.mask_apply_backward(x, *a))
+            assert torch.equal(ops.mask_apply(x, *a, -1.0), want)
+            assert torch.equal(ops.mask_apply_backward(x, *a), want_b)
+            z = x.clone()
+            ops.mask_apply_out(z, *a, -1.0, z)
+            assert torch.equal(z, want)
 
 
 def test_pixel_mask_statistics():

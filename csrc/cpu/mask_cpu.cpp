@@ -118,6 +118,19 @@ static void mask_apply_kernel(const scalar_t* x, scalar_t* y, const MaskParams& 
       });
       return;
     }
+    if (p.spec.mode == MaskMode::Pixel && p.spec.per_sample && !p.spec.separate) {
+      // shared channels (C > 1): mask index n*HW + j serves the C planes of sample n, so each
+      // word is made once and applied to the C pixels at stride HW
+      at::parallel_for(0, p.N * HW, std::max<int64_t>(1, kGrain / p.C), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end;) {
+          const int64_t n = i / HW, j = i % HW, len = std::min(end - i, HW - j), e = n * p.C * HW + j;
+          mask_pixel_stream_f32(p.seed, p.offset, (uint64_t)i, len, f32(x) + e, f32(y) + e, p.threshold,
+                                (float)fill_s, p.C, HW);
+          i += len;
+        }
+      });
+      return;
+    }
   }
   at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
     uint32_t buf[kWordChunk];

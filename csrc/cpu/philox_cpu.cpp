@@ -145,14 +145,16 @@ __attribute__((target("avx512f"))) void blocks_avx512_g(uint64_t seed, uint64_t 
   }
 }
 
-// Pixel masking fused with G groups of 16 blocks (nb a multiple of 16 G): y[k] = x[k] where
-// word k of blocks first.. is kept, else fill. The words never leave the registers: lane j
-// of c_l is word 4 j + l, so the four 16-bit keep masks are interleaved bit by bit with pdep
-// into one 64-bit mask over the 64 elements (no transpose, no word buffer, no second pass).
+// Pixel masking fused with G groups of 16 blocks (nb a multiple of 16 G): y[k + c stride] =
+// x[k + c stride] where word k of blocks first.. is kept, else fill, for each of `planes`
+// planes c. The words never leave the registers: lane j of c_l is word 4 j + l, so the four
+// 16-bit keep masks are interleaved bit by bit with pdep into one 64-bit mask over the 64
+// elements (no transpose, no word buffer, no second pass).
 template <int G>
 __attribute__((target("avx512f,bmi2"))) void mask_pixel_avx512_g(uint64_t seed, uint64_t offset,
                                                                  uint64_t first, int64_t nb, const float* x,
-                                                                 float* y, uint32_t thr, float fill) {
+                                                                 float* y, uint32_t thr, float fill,
+                                                                 int64_t planes, int64_t stride) {
   constexpr int L = 16;
   const __m512i T = _mm512_set1_epi32((int)thr);
   const __m512 F = _mm512_set1_ps(fill);
@@ -165,9 +167,11 @@ __attribute__((target("avx512f,bmi2"))) void mask_pixel_avx512_g(uint64_t seed, 
           _pdep_u64(_mm512_cmpge_epu32_mask(_mm512_srli_epi32(c1[i], 8), T), 0x2222222222222222ull) |
           _pdep_u64(_mm512_cmpge_epu32_mask(_mm512_srli_epi32(c2[i], 8), T), 0x4444444444444444ull) |
           _pdep_u64(_mm512_cmpge_epu32_mask(_mm512_srli_epi32(c3[i], 8), T), 0x8888888888888888ull);
-      const int64_t e = 4 * (g + L * i);
-      for (int q = 0; q < 4; ++q)
-        _mm512_storeu_ps(y + e + 16 * q, _mm512_mask_loadu_ps(F, (__mmask16)(m >> (16 * q)), x + e + 16 * q));
+      for (int64_t c = 0; c < planes; ++c) {
+        const int64_t e = 4 * (g + L * i) + c * stride;
+        for (int q = 0; q < 4; ++q)
+          _mm512_storeu_ps(y + e + 16 * q, _mm512_mask_loadu_ps(F, (__mmask16)(m >> (16 * q)), x + e + 16 * q));
+      }
     }
   }
 }
@@ -308,21 +312,25 @@ void word_chunks(uint64_t seed, uint64_t offset, uint64_t start, int64_t j, int6
 
 }  // namespace
 
-// y[t] = philox_keep(word start + t, thr) ? x[t] : fill, 0 <= t < n (float32 pixel masks;
-// y may be x). With AVX-512 the whole 64-word groups go through mask_pixel_avx512_g, the
-// ragged ends (and other ISAs) through philox_words + mask_pixel_f32: the same bits.
+// y[t + c stride] = philox_keep(word start + t, thr) ? x[t + c stride] : fill, 0 <= t < n,
+// 0 <= c < planes (float32 pixel masks; y may be x; planes > 1: one word for the same pixel
+// of several channel planes). With AVX-512 the whole 64-word groups go through
+// mask_pixel_avx512_g, the ragged ends (and other ISAs) through philox_words +
+// mask_pixel_f32: the same bits.
 void mask_pixel_stream_f32(uint64_t seed, uint64_t offset, uint64_t start, int64_t n, const float* x,
-                           float* y, uint32_t thr, float fill) {
+                           float* y, uint32_t thr, float fill, int64_t planes, int64_t stride) {
   stream_f32(
       start, n,
       [&](int64_t j, int64_t len) {
         word_chunks(seed, offset, start, j, len, [&](const uint32_t* w, int64_t s, int64_t l) {
-          mask_pixel_f32(x + s, w, y + s, l, thr, fill);
+          for (int64_t c = 0; c < planes; ++c)
+            mask_pixel_f32(x + s + c * stride, w, y + s + c * stride, l, thr, fill);
         });
       },
       [&](auto G, uint64_t first, int64_t nb, int64_t j) {
 #if FASTMASK_X86_SIMD
-        mask_pixel_avx512_g<decltype(G)::value>(seed, offset, first, nb, x + j, y + j, thr, fill);
+        mask_pixel_avx512_g<decltype(G)::value>(seed, offset, first, nb, x + j, y + j, thr, fill, planes,
+                                                stride);
 #endif
       });
 }
