@@ -52,8 +52,8 @@ __global__ void block_rect_kernel(MaskParams p, int64_t units, BlockRect* rects)
 
 // Keep decisions of the cnt (<= G) consecutive elements from linear index i0 (a
 // multiple of G). whole: H*W % G == 0, so a full group lies inside one plane. identity:
-// pixel mode with mask_index_is_element, so a full group draws blocks i0/4 .. with no
-// division (two 64-bit divmods per group cost about as much as its Philox blocks).
+// pixel mode with mask_index_is_element, so a full group draws blocks i0/4 .. directly,
+// without the two divmods per group that the general path spends on its mask index.
 template <int G>
 __device__ __forceinline__ void group_keep(const MaskParams& p, const BlockRect* rects,
                                            int64_t i0, int cnt, bool whole, bool identity,
