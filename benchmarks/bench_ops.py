@@ -124,6 +124,11 @@ def bench_elementwise(args, report, shape, opts, peak):
         impls = {"fastmask": fused, "eager": eager, "copy_floor": copy_floor(nbytes, dev)}
         if fused_out is not None:
             impls["fastmask out="] = fused_out
+        if name == "mask_apply" and dev == "cuda":
+            # scope "fixed": the same Philox work per element, but the general mask-index
+            # path (two divmods per group) instead of the identity path of scope "sample"
+            impls["fastmask fixed scope"] = lambda: ops.mask_apply(
+                x, RATIO, seed=1, offset=0, mode="pixel", scope="fixed", channels="separate")
         t = harness.compare(impls, **opts)
         gbps = {k: nbytes / v["median_s"] / 1e9 for k, v in t.items()}
         speedup = t["eager"]["median_s"] / t["fastmask"]["median_s"]
