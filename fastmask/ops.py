@@ -83,6 +83,8 @@ def _fill(fill) -> float:
 
 def _u64(name: str, value) -> int:
     """An integer in [0, 2^64), returned as int64 two's complement (the C++ schema)."""
+    if type(value) is int and 0 <= value < 2 ** 63:  # the common case, ~10x cheaper
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer in [0, 2**64), got {value!r} "
                         f"({type(value).__name__})")
