@@ -109,23 +109,19 @@ static void mask_apply_kernel(const scalar_t* x, scalar_t* y, const MaskParams& 
   const int64_t HW = p.H * p.W, total = p.N * p.C * HW;
   const std::vector<uint32_t> fixed = fixed_words(p);
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (p.spec.mode == MaskMode::Pixel && mask_index_is_element(p.spec.per_sample, p.spec.separate, p.C)) {
-      // one stream over each thread's whole range, no per-plane pieces (their ragged ends
-      // cost a third of a 28x28 plane)
-      at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
-        mask_pixel_stream_f32(p.seed, p.offset, (uint64_t)begin, end - begin, f32(x) + begin, f32(y) + begin,
-                              p.threshold, (float)fill_s);
-      });
-      return;
-    }
-    if (p.spec.mode == MaskMode::Pixel && p.spec.per_sample && !p.spec.separate) {
-      // shared channels (C > 1): mask index n*HW + j serves the C planes of sample n, so each
-      // word is made once and applied to the C pixels at stride HW
-      at::parallel_for(0, p.N * HW, std::max<int64_t>(1, kGrain / p.C), [&](int64_t begin, int64_t end) {
+    if (p.spec.mode == MaskMode::Pixel && p.spec.per_sample) {
+      // Per-sample pixel masks: mask index i = n*HW + j (n the mask unit) serves `planes`
+      // channel planes at stride HW: 1 where the mask index is the element index, else the
+      // C shared channels of sample n. Each word is made once, in registers; with one plane
+      // one stream runs over each thread's whole range (per-plane pieces' ragged ends cost
+      // a third of a 28x28 plane). Element n*planes*HW + j is where index i's planes start.
+      const int64_t planes = mask_index_is_element(true, p.spec.separate, p.C) ? 1 : p.C;
+      at::parallel_for(0, total / planes, std::max<int64_t>(1, kGrain / planes), [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end;) {
-          const int64_t n = i / HW, j = i % HW, len = std::min(end - i, HW - j), e = n * p.C * HW + j;
+          const int64_t n = i / HW, j = i % HW, e = n * planes * HW + j;  // e == i for one plane
+          const int64_t len = planes == 1 ? end - i : std::min(end - i, HW - j);
           mask_pixel_stream_f32(p.seed, p.offset, (uint64_t)i, len, f32(x) + e, f32(y) + e, p.threshold,
-                                (float)fill_s, p.C, HW);
+                                (float)fill_s, planes, HW);
           i += len;
         }
       });
@@ -142,13 +138,6 @@ static void mask_apply_kernel(const scalar_t* x, scalar_t* y, const MaskParams& 
         block_piece(r, p.W, j, len, [&](int64_t k) { yp[k] = xp[k]; },
                     [&](int64_t k) { yp[k] = fill_s; });
         return;
-      }
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        if (p.spec.mode == MaskMode::Pixel && fixed.empty()) {  // words made and used in registers
-          mask_pixel_stream_f32(p.seed, p.offset, (uint64_t)(unit * HW + j), len, f32(xp + j), f32(yp + j),
-                                p.threshold, (float)fill_s);
-          return;
-        }
       }
       const uint32_t* words = mask_words(p, fixed, unit * HW + j, len, buf);
       if (p.spec.mode == MaskMode::Pixel) {

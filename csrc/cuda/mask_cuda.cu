@@ -50,6 +50,17 @@ __global__ void block_rect_kernel(MaskParams p, int64_t units, BlockRect* rects)
     rects[u] = block_rect(p.seed, p.offset, (uint64_t)u, p.area, p.H, p.W);
 }
 
+// Keep decisions of G consecutive mask indices from 4 b0: G/4 whole Philox blocks.
+template <int G>
+__device__ __forceinline__ void blocks_keep(const MaskParams& p, uint64_t b0, bool (&keep)[G]) {
+#pragma unroll
+  for (int b = 0; b < G / 4; ++b) {
+    const Philox4 w = philox_block(p.seed, p.offset, b0 + b);
+#pragma unroll
+    for (int l = 0; l < 4; ++l) keep[4 * b + l] = philox_keep(w.v[l], p.threshold);
+  }
+}
+
 // Keep decisions of the cnt (<= G) consecutive elements from linear index i0 (a
 // multiple of G). whole: H*W % G == 0, so a full group lies inside one plane. identity:
 // pixel mode with mask_index_is_element, so a full group draws blocks i0/4 .. directly,
@@ -60,12 +71,7 @@ __device__ __forceinline__ void group_keep(const MaskParams& p, const BlockRect*
                                            bool (&keep)[G]) {
   static_assert(G % 4 == 0, "a group must cover whole Philox blocks");
   if (identity && cnt == G) {
-#pragma unroll
-    for (int b = 0; b < G / 4; ++b) {
-      const Philox4 w = philox_block(p.seed, p.offset, ((uint64_t)i0 >> 2) + b);
-#pragma unroll
-      for (int l = 0; l < 4; ++l) keep[4 * b + l] = philox_keep(w.v[l], p.threshold);
-    }
+    blocks_keep<G>(p, (uint64_t)i0 >> 2, keep);
     return;
   }
   const int64_t HW = p.H * p.W;
@@ -93,13 +99,7 @@ __device__ __forceinline__ void group_keep(const MaskParams& p, const BlockRect*
     }
   } else if (whole && cnt == G) {
     // Mask indices unit*HW + j .. + G-1 with j a multiple of G: G/4 whole Philox blocks.
-    const uint64_t b0 = (uint64_t)(unit * HW + j) >> 2;
-#pragma unroll
-    for (int b = 0; b < G / 4; ++b) {
-      const Philox4 w = philox_block(p.seed, p.offset, b0 + b);
-#pragma unroll
-      for (int l = 0; l < 4; ++l) keep[4 * b + l] = philox_keep(w.v[l], p.threshold);
-    }
+    blocks_keep<G>(p, (uint64_t)(unit * HW + j) >> 2, keep);
   } else {  // a group across planes, or the tail: draw blocks as the indices need them
     uint64_t cached = ~0ull;
     Philox4 blk = {{0, 0, 0, 0}};
