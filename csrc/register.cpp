@@ -202,6 +202,10 @@ PYBIND11_MODULE(_C, m) {
     d["torch"] = FASTMASK_TORCH_VERSION;
     d["cxx_standard"] = (long)__cplusplus;
     d["compiler"] = __VERSION__;
+    // The ISA of the Philox-bound CPU paths (masks, random_start, noise), picked at
+    // load time and capped by FASTMASK_CPU_ISA; the target_clones element loops
+    // (csrc/cpu/simd_loops.cpp) follow the CPU alone.
+    d["cpu_isa"] = fastmask::cpu::philox_isa();
     return d;
-  }, "Build information: cuda, torch version, C++ standard, compiler.");
+  }, "Build information: cuda, torch version, C++ standard, compiler, cpu_isa.");
 }

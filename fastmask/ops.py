@@ -31,7 +31,7 @@ from fastmask import reference
 
 __all__ = [
     "philox", "mask_apply", "mask_generate", "fgsm", "pgd_step", "pgd_step_",
-    "random_start", "grad_clip_noise_", "extension_loaded",
+    "random_start", "grad_clip_noise_", "extension_loaded", "build_info",
     "MODES", "SCOPES", "CHANNELS", "NORMS",
 ]
 
@@ -61,6 +61,17 @@ _use_ext = _ext_available
 def extension_loaded() -> bool:
     """True when the ops run on the compiled extension, False on the reference."""
     return _use_ext
+
+
+def build_info() -> dict:
+    """How the ops run here: {"extension": bool, "cpu_isa": "avx512" | "avx2" | "scalar" |
+    None, ...}. cpu_isa is the ISA of the Philox-bound CPU kernels (pixel masks,
+    random_start, grad_clip_noise_'s noise), picked at load time from the CPU and capped
+    by the FASTMASK_CPU_ISA environment variable; None on the reference fallback."""
+    if not _use_ext:
+        return {"extension": False, "cpu_isa": None}
+    from fastmask import _C
+    return {"extension": True, **_C.build_info()}
 
 
 # ----------------------------------------------------------------------------- checks
