@@ -49,7 +49,7 @@ def implementations(model, steps, device):
     from fastmask import attacks
     impls = {
         "fastmask": (lambda x, y: attacks.fgsm(model, x, y, EPS),
-                     lambda x, y: attacks.pgd(model, x, y, EPS, ALPHA, steps, random_start=False)),
+                     lambda x, y: attacks.pgd(model, x, y, EPS, alpha=ALPHA, steps=steps, random_start=False)),
         "eager": (lambda x, y: eager_fgsm(model, x, y, EPS),
                   lambda x, y: eager_pgd(model, x, y, EPS, ALPHA, steps)),
     }

@@ -50,7 +50,7 @@ def bench(args, report):
         for p in model.parameters():  # what the attacks do too: no parameter gradients
             p.requires_grad_(False)
         runs = {
-            "fastmask": lambda: attacks.pgd(model, x, y, EPS, ALPHA, steps, random_start=False),
+            "fastmask": lambda: attacks.pgd(model, x, y, EPS, alpha=ALPHA, steps=steps, random_start=False),
             "eager": lambda: eager_pgd(model, x, y, EPS, ALPHA, steps),
         }
         try:

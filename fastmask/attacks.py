@@ -1,7 +1,8 @@
 """White-box and transfer attacks built on the fused ops (fastmask.ops).
 
-Every attack has the form attack(model, x, y, ...) -> x_adv: x is N x ... in
-[lo, hi] (default [0, 1]), y the N labels (the targets when targeted=True).
+Every attack has the form attack(model, x, y, eps, *, ...) -> x_adv, everything
+after eps keyword-only: x is N x ... in [lo, hi] (default [0, 1]), y the N labels
+(the targets when targeted=True).
 x_adv has x's shape, dtype and device; batches of `batch_size` run on the
 model's device. The model is left exactly as it was: training flags,
 parameters' requires_grad and the buffers (RNG offsets) of its FeatureMask
@@ -10,6 +11,14 @@ parameters frozen, so no parameter .grad is touched; plain Linear/Conv2d/ReLU/
 MaxPool2d chains (the paper's models without a mask) take fastmask.inputgrad
 instead: the same ATen backward kernels without a graph, in cache-sized
 micro-batches on CPU, bit for bit the same gradient.
+
+The step rule, one for every iterative attack: alpha=None is 2.5 * eps / steps
+(Madry et al.: the steps can cross the ball and come back), see default_alpha.
+
+The registry (REGISTRY, one Attack entry per attack: name, function, settings
+with defaults and checks) is what make_attack, evaluate.robustness, the honest
+evaluation and `fastmask evaluate --attack-opt NAME.KEY=VALUE` read; a new
+attack is one function, one register(Attack(...)) and one test (DEVELOPERS.md).
 
 The loss is the summed cross-entropy (per-sample gradients do not depend on the
 batch). Targeted attacks descend the loss to the target labels instead.
@@ -23,19 +32,23 @@ Nested model_state() blocks restore the offsets only at the outermost exit, so
 inside one evaluation (fastmask.evaluate) no mask draw is ever reused.
 """
 import contextlib
+import dataclasses
 import functools
+import importlib
+import inspect
 import weakref
 
 import torch
 import torch.nn.functional as F
 
+from . import _checks as C
 from . import inputgrad, ops
 
-__all__ = ["fgsm", "pgd", "eot_pgd", "pgd_frozen_mask", "transfer", "make_attack",
-           "model_state", "feature_masks", "input_grad", "MASK_STATES", "ATTACKS"]
+__all__ = ["fgsm", "pgd", "eot_pgd", "pgd_frozen_mask", "transfer", "make_attack", "default_alpha",
+           "model_state", "feature_masks", "input_grad", "check_inputs", "MASK_STATES", "ATTACKS",
+           "Setting", "Attack", "REGISTRY", "register", "get", "parse_options"]
 
 MASK_STATES = ("model", "random", "frozen")
-ATTACKS = ("fgsm", "pgd", "eot", "frozen", "pgd_l2")
 _depth = weakref.WeakKeyDictionary()  # model -> nesting depth of model_state
 
 
@@ -112,22 +125,8 @@ def _loss_grad(model, x, y, targeted):
     return torch.zeros_like(x) if g is None else g
 
 
-def _norm(norm):
-    s = str(norm).lower()
-    if s in ("inf", "linf"):
-        return "inf"
-    if s in ("2", "2.0", "l2"):
-        return "2"
-    raise ValueError(f"norm must be 'inf' or '2', got {norm!r}")
-
-
-def _positive_int(name, v):
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    return v
-
-
-def _check(x, y, batch_size):
+def check_inputs(x, y, batch_size=None):
+    """The checks every attack and evaluation runs on (x, y, batch_size)."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.dtype != torch.long:
@@ -136,17 +135,18 @@ def _check(x, y, batch_size):
     if x.dim() < 1 or x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y must have the same number of samples, got x {tuple(x.shape)} and y {tuple(y.shape)}")
     if batch_size is not None:
-        _positive_int("batch_size", batch_size)
+        C.positive_int("batch_size", batch_size)
 
 
-def _device(model, x):
+def device_of(model, x):
+    """The device the attack runs on: the model's (x's for a model without parameters)."""
     p = next(model.parameters(), None)
     return x.device if p is None else p.device
 
 
 def _batched(model, x, y, batch_size, fn):
     """fn(xb, yb, k) -> adversarial batch, over batches k of x on the model's device; result on x's device."""
-    dev, n = _device(model, x), x.shape[0]
+    dev, n = device_of(model, x), x.shape[0]
     bs = n if batch_size is None else batch_size
     if n <= bs:
         return fn(x.to(dev).contiguous(), y.to(dev), 0).to(x.device)
@@ -158,14 +158,20 @@ def _batched(model, x, y, batch_size, fn):
 
 def input_grad(model, x, y, *, targeted=False, masks="model", batch_size=None):
     """The attack's input gradient d(sum CE)/dx, batched, model left unchanged."""
-    _check(x, y, batch_size)
+    check_inputs(x, y, batch_size)
     with model_state(model, masks):
         return _batched(model, x, y, batch_size, lambda xb, yb, k: _loss_grad(model, xb, yb, targeted))
 
 
+def default_alpha(eps, steps):
+    """The step of every iterative attack when alpha is None: 2.5 * eps / steps (Madry et al.,
+    so that the steps can cross the ball); eps = 0: 1.0 (any step leaves x unchanged)."""
+    return 2.5 * eps / steps if eps > 0 else 1.0
+
+
 def fgsm(model, x, y, eps, *, targeted=False, lo=0.0, hi=1.0, masks="model", batch_size=None):
     """Fast gradient sign method: clamp(x + eps * sign(grad), lo, hi) (one fused op)."""
-    _check(x, y, batch_size)
+    check_inputs(x, y, batch_size)
 
     def one(xb, yb, k):
         return ops.fgsm(xb, _loss_grad(model, xb, yb, targeted), eps, lo, hi)
@@ -188,13 +194,15 @@ def _pgd_run(model, x_nat, y, eps, alpha, steps, rand, seed, offset, norm, targe
 
 def _pgd(model, x, y, eps, alpha, steps, random_start, seed, restarts, norm, targeted, lo, hi,
          masks, batch_size, samples):
-    _check(x, y, batch_size)
-    norm = _norm(norm)
-    _positive_int("steps", steps)
-    _positive_int("restarts", restarts)
-    _positive_int("samples", samples)
+    check_inputs(x, y, batch_size)
+    norm = C.norm("norm", norm)
+    C.positive_int("steps", steps)
+    C.positive_int("restarts", restarts)
+    C.positive_int("samples", samples)
     if restarts > 1 and not random_start:
         raise ValueError(f"restarts={restarts} needs random_start=True (restarts from x itself are identical)")
+    if alpha is None:
+        alpha = default_alpha(eps, steps)
 
     def one(xb, yb, k):
         best = best_broken = best_loss = None
@@ -220,10 +228,11 @@ def _pgd(model, x, y, eps, alpha, steps, random_start, seed, restarts, norm, tar
         return _batched(model, x, y, batch_size, one)
 
 
-def pgd(model, x, y, eps, alpha, steps, random_start=True, seed=0, restarts=1, norm="inf",
-        targeted=False, *, lo=0.0, hi=1.0, masks="model", batch_size=None):
+def pgd(model, x, y, eps, *, steps=40, alpha=None, random_start=True, seed=0, restarts=1, norm="inf",
+        targeted=False, lo=0.0, hi=1.0, masks="model", batch_size=None):
     """Projected gradient descent (Madry et al.), L-inf or L2, in place with ops.pgd_step_.
 
+    alpha: the step; None is default_alpha(eps, steps) = 2.5 * eps / steps.
     random_start: start from ops.random_start (uniform in the L-inf ball, uniform in
     the L2 ball) with Philox (seed, offset = restart << 32 | batch index).
     restarts > 1: per sample, keep the restart that breaks it (or, if none does,
@@ -233,8 +242,8 @@ def pgd(model, x, y, eps, alpha, steps, random_start=True, seed=0, restarts=1, n
                 lo, hi, masks, batch_size, 1)
 
 
-def eot_pgd(model, x, y, eps, alpha, steps, samples=20, seed=0, random_start=True, restarts=1,
-            norm="inf", targeted=False, *, lo=0.0, hi=1.0, masks="random", batch_size=None):
+def eot_pgd(model, x, y, eps, *, steps=40, alpha=None, samples=20, seed=0, random_start=True, restarts=1,
+            norm="inf", targeted=False, lo=0.0, hi=1.0, masks="random", batch_size=None):
     """PGD with Expectation over Transformation: each step follows the gradient
     averaged over `samples` fresh mask draws (masks="random": FeatureMask modules
     draw at every forward; their offsets are restored afterwards)."""
@@ -242,8 +251,8 @@ def eot_pgd(model, x, y, eps, alpha, steps, samples=20, seed=0, random_start=Tru
                 lo, hi, masks, batch_size, samples)
 
 
-def pgd_frozen_mask(model, x, y, eps, alpha, steps, random_start=True, seed=0, restarts=1,
-                    norm="inf", targeted=False, *, lo=0.0, hi=1.0, batch_size=None):
+def pgd_frozen_mask(model, x, y, eps, *, steps=40, alpha=None, random_start=True, seed=0, restarts=1,
+                    norm="inf", targeted=False, lo=0.0, hi=1.0, batch_size=None):
     """PGD against one frozen mask draw (every forward of the attack sees the same masks)."""
     return _pgd(model, x, y, eps, alpha, steps, random_start, seed, restarts, norm, targeted,
                 lo, hi, "frozen", batch_size, 1)
@@ -252,7 +261,8 @@ def pgd_frozen_mask(model, x, y, eps, alpha, steps, random_start=True, seed=0, r
 def transfer(surrogate, model, x, y, attack):
     """Black-box transfer: x_adv = attack(surrogate, x, y), crafted without `model`'s gradients.
 
-    attack is any attack(model, x, y) -> x_adv, e.g. make_attack("pgd", 0.1).
+    attack is any attack(model, x, y) -> x_adv, e.g. make_attack("pgd", 0.1). (A combinator,
+    not an attack; the registry's "transfer" entry is the attack built on it.)
     """
     if surrogate is model:
         raise ValueError("transfer needs a surrogate other than the attacked model")
@@ -261,26 +271,177 @@ def transfer(surrogate, model, x, y, attack):
     return attack(surrogate, x, y)
 
 
-def make_attack(name, eps, *, steps=40, alpha=None, restarts=1, samples=20, seed=0,
-                masks="model", batch_size=None, lo=0.0, hi=1.0):
-    """An attack(model, x, y) -> x_adv by name: "fgsm", "pgd", "eot", "frozen" (L-inf) or "pgd_l2".
+def transfer_pgd(model, x, y, eps, *, surrogate, steps=40, alpha=None, random_start=True, seed=0, restarts=1,
+                 lo=0.0, hi=1.0, batch_size=None):
+    """PGD crafted on `surrogate` (a separately trained model), scored on `model`."""
+    return transfer(surrogate, model, x, y, functools.partial(
+        pgd, eps=eps, steps=steps, alpha=alpha, random_start=random_start, seed=seed, restarts=restarts,
+        lo=lo, hi=hi, batch_size=batch_size))
 
-    alpha=None picks 2.5 * eps / steps (Madry et al.), so the steps can cross the ball.
-    "eot" uses masks="random" unless masks is given other than "model".
+
+# ---------------------------------------------------------------- the registry
+def _alpha(name, v):
+    return None if v is None else C.positive(name, v)
+
+
+def _bool(name, v):
+    if not isinstance(v, bool):
+        raise C.BadValue(name, v, "must be True or False")
+    return v
+
+
+def _parse_bool(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{text!r} is not true or false")
+
+
+def _parse_alpha(text):
+    return None if text.lower() in ("none", "auto") else float(text)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One setting of an attack: its default, check(name, value) -> value (fastmask._checks),
+    and parse(text) -> value for the command line."""
+    default: object
+    check: object
+    parse: object = int
+    help: str = ""
+
+
+STEPS = Setting(40, C.positive_int, int, "iterations")
+ALPHA = Setting(None, _alpha, _parse_alpha, "step; none: 2.5 eps / steps")
+RESTARTS = Setting(1, C.positive_int, int, "random restarts (per sample, the worst case counts)")
+RANDOM_START = Setting(True, _bool, _parse_bool, "start from a uniform point of the eps-ball")
+SAMPLES = Setting(20, C.positive_int, int, "EOT: mask draws averaged per step")
+PGD_SETTINGS = {"steps": STEPS, "alpha": ALPHA, "restarts": RESTARTS, "random_start": RANDOM_START}
+
+
+@dataclasses.dataclass(frozen=True)
+class Attack:
+    """One registry entry.
+
+    name: what make_attack, robustness(attacks=...) and --attack-opt NAME.KEY=V call it.
+    fn: attack(model, x, y, eps, *, <settings>, <context>) -> x_adv, or "module:function"
+        (imported on first use, so an entry may point into a module that imports this one).
+    settings: {key: Setting}: what a user may set; fn takes each as a keyword.
+    fixed: keywords the entry always passes (pgd_l2: norm="2").
+    kind: "single_step" | "iterative" (white-box, gradient) | "black_box" | "transfer";
+        evaluate.sanity_checks reads it (white-box attacks must beat transfer, iterative ones FGSM).
+    norm: the threat model, "inf" or "2" (the checks compare attacks of one norm only).
+    random_masks: the attack needs fresh mask draws (EOT): the caller's masks="model" becomes "random".
+    needs: context keywords the caller must give (transfer: surrogate).
+    The context (seed, masks, batch_size, lo, hi, surrogate) is passed to fn when its signature takes it.
     """
-    if name not in ATTACKS:
-        raise ValueError(f"attack name must be one of {ATTACKS}, got {name!r}")
-    if alpha is None:
-        alpha = 2.5 * eps / steps if eps > 0 else 1.0  # eps = 0: any alpha leaves x unchanged
-    common = dict(lo=lo, hi=hi, batch_size=batch_size)
-    if name == "fgsm":
-        return functools.partial(fgsm, eps=eps, masks=masks, **common)
-    pgd_args = dict(eps=eps, alpha=alpha, steps=steps, seed=seed, restarts=restarts, **common)
-    if name == "pgd":
-        return functools.partial(pgd, masks=masks, **pgd_args)
-    if name == "pgd_l2":
-        return functools.partial(pgd, masks=masks, norm="2", **pgd_args)
-    if name == "eot":
-        return functools.partial(eot_pgd, samples=samples, masks="random" if masks == "model" else masks,
-                                 **pgd_args)
-    return functools.partial(pgd_frozen_mask, **pgd_args)
+    name: str
+    fn: object
+    settings: dict = dataclasses.field(default_factory=dict)
+    fixed: dict = dataclasses.field(default_factory=dict)
+    kind: str = "iterative"
+    norm: str = "inf"
+    random_masks: bool = False
+    needs: tuple = ()
+    help: str = ""
+
+    def function(self):
+        fn = self.fn
+        if isinstance(fn, str):
+            mod, _, attr = fn.partition(":")
+            fn = getattr(importlib.import_module(mod, __package__), attr)
+        return fn
+
+    def options(self, given=None):
+        """The settings: defaults, overridden by `given` (checked; an unknown key is an error)."""
+        given = dict(given or {})
+        unknown = sorted(set(given) - set(self.settings))
+        if unknown:
+            raise ValueError(f"attack {self.name!r} has no setting {unknown[0]!r} "
+                             f"(its settings: {', '.join(self.settings) or 'none'})")
+        out = {}
+        for key, s in self.settings.items():
+            v = given.get(key, s.default)
+            out[key] = s.check(f"{self.name}.{key}" if key in given else key, v)
+        return out
+
+    def bind(self, eps, options=None, **context):
+        """attack(model, x, y) at eps with these settings and context."""
+        fn = self.function()
+        params = inspect.signature(fn).parameters
+        missing = [k for k in self.needs if context.get(k) is None]
+        if missing:
+            raise ValueError(f"attack {self.name!r} needs {missing[0]}=")
+        if self.random_masks and context.get("masks") == "model":
+            context["masks"] = "random"
+        kw = {k: v for k, v in context.items() if k in params}
+        return functools.partial(fn, eps=eps, **self.options(options), **self.fixed, **kw)
+
+
+REGISTRY = {}
+
+
+def register(entry):
+    """Add an Attack entry (its name must be new); returns it."""
+    if not isinstance(entry, Attack):
+        raise TypeError(f"register takes an Attack, got {type(entry).__name__}")
+    if entry.name in REGISTRY:
+        raise ValueError(f"attack {entry.name!r} is already registered")
+    if entry.kind not in ("single_step", "iterative", "black_box", "transfer"):
+        raise ValueError(f"kind={entry.kind!r} is not one of 'single_step', 'iterative', 'black_box', 'transfer'")
+    REGISTRY[entry.name] = entry
+    return entry
+
+
+def get(name):
+    """The registry entry `name`."""
+    if name not in REGISTRY:
+        raise ValueError(f"attack name must be one of {tuple(REGISTRY)}, got {name!r}")
+    return REGISTRY[name]
+
+
+register(Attack("fgsm", fgsm, kind="single_step", help="fast gradient sign method, one step of eps"))
+register(Attack("pgd", pgd, PGD_SETTINGS, help="PGD, L-inf"))
+register(Attack("eot", eot_pgd, dict(PGD_SETTINGS, samples=SAMPLES), random_masks=True,
+                help="PGD with Expectation over Transformation (fresh mask draws, averaged gradients)"))
+register(Attack("frozen", pgd_frozen_mask, PGD_SETTINGS, help="PGD against one frozen mask draw"))
+register(Attack("pgd_l2", pgd, PGD_SETTINGS, fixed={"norm": "2"}, norm="2", help="PGD, L2 (eps is the L2 radius)"))
+register(Attack("transfer", transfer_pgd, PGD_SETTINGS, kind="transfer", needs=("surrogate",),
+                help="PGD crafted on a separately trained surrogate (black-box transfer)"))
+ATTACKS = tuple(n for n, e in REGISTRY.items() if e.kind != "transfer")  # what make_attack builds alone
+
+
+def make_attack(name, eps, *, seed=0, masks="model", batch_size=None, lo=0.0, hi=1.0, surrogate=None,
+                **settings):
+    """attack(model, x, y) -> x_adv: registry entry `name` at eps with its settings (e.g. steps=10,
+    alpha=None: 2.5 eps / steps) and the context (seed, masks, batch_size, lo, hi; surrogate for
+    "transfer"). "eot" uses masks="random" unless masks is given other than "model"."""
+    return get(name).bind(eps, settings, seed=seed, masks=masks, batch_size=batch_size, lo=lo, hi=hi,
+                          surrogate=surrogate)
+
+
+def parse_options(specs, *, flag="--attack-opt"):
+    """{name: {key: value}} from "NAME.KEY=VALUE" strings (each value parsed and checked by its Setting)."""
+    out = {}
+    for spec in specs or ():
+        head, sep, text = str(spec).partition("=")
+        name, dot, key = head.partition(".")
+        if not sep or not dot or not name or not key:
+            raise ValueError(f"{flag} {spec!r}: expected NAME.KEY=VALUE (e.g. pgd.steps=100)")
+        if name not in REGISTRY:
+            raise ValueError(f"{flag} {spec!r}: unknown attack {name!r} (one of {', '.join(REGISTRY)})")
+        entry = REGISTRY[name]
+        if key not in entry.settings:
+            raise ValueError(f"{flag} {spec!r}: attack {name!r} has no setting {key!r} "
+                             f"(its settings: {', '.join(entry.settings) or 'none'})")
+        s = entry.settings[key]
+        try:
+            value = s.parse(text.strip())
+        except ValueError:
+            raise ValueError(f"{flag} {spec!r}: {text!r} is not a valid {key}") from None
+        try:
+            out.setdefault(name, {})[key] = s.check(f"{flag} {name}.{key}", value)
+        except (ValueError, TypeError) as e:
+            raise ValueError(str(e)) from None
+    return out

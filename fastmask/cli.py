@@ -1,10 +1,16 @@
-"""Command line: fastmask reproduce | train | attack.
+"""Command line: fastmask reproduce | train | attack | evaluate | bench.
 
     fastmask reproduce [--model mlp|cnn] [--preset smoke|default|full] [--out DIR] ...
     fastmask train --out DIR [--mask-ratio R --mask-scope sample|fixed ...] [--adv-train fgsm|pgd [--adv-steps K]]
     fastmask attack --checkpoint PATH [--eps ...] [--json]
-    fastmask evaluate --checkpoint NAME=PATH ... [--surrogate PATH] --out DIR   (honest evaluation)
+    fastmask evaluate --checkpoint NAME=PATH ... [--surrogate PATH] [--preset check|standard|thorough]
+                      [--attack-opt NAME.KEY=VALUE ...] --out DIR   (honest evaluation)
     fastmask reproduce --honest [--seeds N]   (Table I over seeds + honest evaluation)
+
+Two preset families, two sets of names: `reproduce --preset` sizes the training
+and the protocol (smoke, default, full: pipeline.TRAIN_PRESETS), `evaluate
+--preset` the attacks (check, standard, thorough: honest.ATTACK_PRESETS; the old
+names smoke/default/full still work there, with a note).
 
 Errors (bad arguments, missing data or checkpoints) print one line on stderr
 and exit with code 2, without a traceback.
@@ -14,6 +20,8 @@ import json
 import sys
 from dataclasses import fields
 from pathlib import Path
+
+from . import _checks as C
 
 
 THREADS_HELP = ("torch threads (default 1: the models are small, and on a busy 2-core machine a "
@@ -29,31 +37,32 @@ class Parser(argparse.ArgumentParser):
         raise CliError(f"{self.prog}: {message}")
 
 
-def eps_list(text):
+def _eps_values(text, zero):
     try:
         vals = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"--eps {text!r}: expected comma-separated numbers") from None
-    if not vals or any(not 0 < v <= 1 for v in vals):
-        raise argparse.ArgumentTypeError(f"--eps {text!r}: values must be in (0, 1]")
+    if not vals or any(not (0 <= v <= 1 if zero else 0 < v <= 1) for v in vals):
+        raise argparse.ArgumentTypeError(f"--eps {text!r}: values must be in {'[0, 1]' if zero else '(0, 1]'}")
     return vals
+
+
+def eps_list(text):
+    """The reproduce / attack sweep: eps in (0, 1]."""
+    return _eps_values(text, zero=False)
 
 
 def honest_eps(text):
+    """The honest evaluation's sweep: eps in [0, 1] (eps 0 is the clean accuracy, 1 a sanity check)."""
+    return _eps_values(text, zero=True)
+
+
+def _checked(check, value, text):
+    """check("", value) as an argparse type: the error names the text ("'0' must be >= 1")."""
     try:
-        vals = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--eps {text!r}: expected comma-separated numbers") from None
-    if not vals or any(not 0 <= v <= 1 for v in vals):
-        raise argparse.ArgumentTypeError(f"--eps {text!r}: values must be in [0, 1]")
-    return vals
-
-
-def ratio(text):
-    v = _float(text)
-    if not 0 <= v <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is outside [0, 1]")
-    return v
+        return check("", value)
+    except (C.BadValue, C.BadType) as e:
+        raise argparse.ArgumentTypeError(f"{text!r} {e.must}") from None
 
 
 def _int(text):
@@ -63,42 +72,36 @@ def _int(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
 
 
-def positive_int(text):
-    v = _int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
-    return v
-
-
 def _float(text):
     try:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if v != v or v in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"{text!r} must be finite")
-    return v
+    return _checked(C.finite, v, text)
+
+
+def ratio(text):
+    v = _float(text)
+    try:
+        return C.ratio("", v)
+    except C.BadValue:
+        raise argparse.ArgumentTypeError(f"{text!r} is outside [0, 1]") from None
+
+
+def positive_int(text):
+    return _checked(C.positive_int, _int(text), text)
 
 
 def positive_float(text):
-    v = _float(text)
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
-    return v
+    return _checked(C.positive, _float(text), text)
 
 
 def nonneg_float(text):
-    v = _float(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-    return v
+    return _checked(C.nonneg, _float(text), text)
 
 
 def nonneg_int(text):
-    v = _int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-    return v
+    return _checked(C.nonneg_int, _int(text), text)
 
 
 def folder_arg(path):
@@ -109,7 +112,8 @@ def folder_arg(path):
 
 
 def build_parser():
-    from .pipeline import DEFAULT_ROWS, PRESETS, ROWS
+    from .honest import ATTACK_PRESETS, PRESET_ALIASES
+    from .pipeline import DEFAULT_ROWS, ROWS, TRAIN_PRESETS
     p = Parser(prog="fastmask", description="Feature masking and gradient manipulation against "
                "adversarial examples (Ingle and Pawale), reproduced on MNIST.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -125,7 +129,9 @@ def build_parser():
 
     r = sub.add_parser("reproduce", help="train and evaluate every row of Table I")
     common(r)
-    r.add_argument("--preset", choices=tuple(PRESETS), default="default")
+    r.add_argument("--preset", choices=tuple(TRAIN_PRESETS), default="default",
+                   help="training and protocol sizes (--honest: attacks sized by evaluate's "
+                   + ", ".join(f"{k} -> {v}" for k, v in PRESET_ALIASES.items()) + ")")
     r.add_argument("--out", default="results")
     r.add_argument("--epochs", type=positive_int, help="override the preset's epochs")
     r.add_argument("--eps", type=eps_list, help="comma-separated eps sweep (default 0.05,...,0.3)")
@@ -172,15 +178,19 @@ def build_parser():
     e.add_argument("--surrogate", help="checkpoint of a separately trained model for the transfer attack")
     e.add_argument("--baseline", help="the row the others are tested against (default: 'baseline' if given)")
     e.add_argument("--out", required=True, help="folder for honest.md, honest.json, honest_accuracy_vs_eps.png")
-    e.add_argument("--preset", choices=("smoke", "default", "full"), default="default",
-                   help="attack sizes: smoke n=40 PGD-5; default n=500 PGD-40 x5 restarts, EOT 10 draws; "
-                   "full n=1000 PGD-50 x10 restarts, EOT 20 draws")
+    e.add_argument("--preset", choices=tuple(ATTACK_PRESETS) + tuple(PRESET_ALIASES), default="standard",
+                   help="attack sizes: check n=40 PGD-5; standard n=500 PGD-40 x5 restarts, EOT 10 draws; "
+                   "thorough n=1000 PGD-50 x10 restarts, EOT 20 draws (old names: "
+                   + ", ".join(f"{k} = {v}" for k, v in PRESET_ALIASES.items()) + ")")
     e.add_argument("--n", "--n-test", dest="n", type=positive_int, help="first N test images")
     e.add_argument("--eps", type=honest_eps, help="comma-separated eps in [0, 1] (default 0,0.05,...,0.3,1)")
     e.add_argument("--pgd-steps", type=positive_int)
     e.add_argument("--pgd-alpha", type=positive_float, help="PGD step (default 2.5 eps / steps)")
     e.add_argument("--restarts", type=positive_int)
     e.add_argument("--eot-samples", type=positive_int)
+    e.add_argument("--attack-opt", action="append", metavar="NAME.KEY=VALUE", default=[],
+                   help="any setting of one attack, on top of the preset (repeatable), e.g. pgd.steps=100, "
+                   "eot.samples=50, pgd.alpha=0.01; the attacks and their settings: docs/evaluation.md")
     e.add_argument("--no-mtest", action="store_true", help="skip the '[M_test]' rows of masked models")
     e.add_argument("--seed", type=nonneg_int, default=0, help="attack random starts")
     e.add_argument("--data-dir")
@@ -191,7 +201,7 @@ def build_parser():
     a.add_argument("--checkpoint", required=True)
     a.add_argument("--eps", type=eps_list, default=(0.05, 0.1, 0.15, 0.2, 0.25, 0.3))
     a.add_argument("--pgd-steps", type=positive_int, default=40)
-    a.add_argument("--pgd-alpha", type=positive_float, default=0.01)
+    a.add_argument("--pgd-alpha", type=positive_float, help="PGD step (default 2.5 eps / steps)")
     a.add_argument("--n", "--n-test", dest="n", type=positive_int, default=1000,
                    help="first N test images (default 1000); under torchrun write --n-test (torchrun's own "
                    "parser takes --n for an abbreviation of its --nnodes/--nproc-per-node)")
@@ -230,21 +240,91 @@ def cmd_reproduce(args):
     if seeds == 1 and not args.honest:
         run_reproduce(ReproduceConfig(**kw))
         return
-    from . import honest
     if args.honest:
-        honest.run_honest(ReproduceConfig(**kw), seeds=seeds)
+        from .honest import run_honest
+        run_honest(ReproduceConfig(**kw), seeds=seeds)
     else:
-        honest.reproduce_seeds(ReproduceConfig(**kw), seeds=seeds)
+        from .seeds import reproduce_seeds
+        reproduce_seeds(ReproduceConfig(**kw), seeds=seeds)
 
 
 def cmd_evaluate(args):
     import torch
-    from . import honest
+    from .honest import PRESET_ALIASES
     if args.out:
         folder_arg(Path(args.out))
+    if args.preset in PRESET_ALIASES:
+        print(f"fastmask evaluate: note: --preset {args.preset} is now --preset {PRESET_ALIASES[args.preset]} "
+              f"(attack sizes; smoke/default/full name the training presets of reproduce)", file=sys.stderr)
+        args.preset = PRESET_ALIASES[args.preset]
     if args.threads:
         torch.set_num_threads(args.threads)
-    honest.evaluate_command(args, log=(lambda *a: None) if args.quiet else print)
+    evaluate_command(args, log=(lambda *a: None) if args.quiet else print)
+
+
+def parse_checkpoints(specs, from_dir=None):
+    """{name: path} from NAME=PATH strings and/or the checkpoints/*.pt of a reproduce folder."""
+    out = {}
+    if from_dir is not None:
+        folder = Path(from_dir) / "checkpoints"
+        if not folder.is_dir():
+            raise ValueError(f"--from {str(from_dir)!r}: no checkpoints/ folder in it")
+        out.update({p.stem: p for p in sorted(folder.glob("*.pt"))})
+    for spec in specs or ():
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec).stem, spec
+        if not name or not path:
+            raise ValueError(f"--checkpoint {spec!r}: expected NAME=PATH or PATH")
+        out[name] = Path(path)
+    if not out:
+        raise ValueError("no models: give --checkpoint NAME=PATH (repeatable) or --from DIR")
+    if "baseline" in out:  # first in every table
+        out = {"baseline": out.pop("baseline"), **out}
+    return out
+
+
+def evaluate_command(args, log=print):
+    """`fastmask evaluate`: the honest evaluation of checkpoints; files under args.out."""
+    from . import attacks as A, data as D, models as M
+    from .honest import FILES, HonestSettings, evaluate_models, load_models
+    specs = parse_checkpoints(args.checkpoint, args.from_dir)
+    baseline = args.baseline if args.baseline else ("baseline" if "baseline" in specs else None)
+    if baseline is not None and baseline not in specs:
+        raise ValueError(f"--baseline {baseline!r} is not one of the models {list(specs)}")
+    settings = HonestSettings.preset(args.preset, n=args.n, eps_list=args.eps, pgd_steps=args.pgd_steps,
+                                     pgd_alpha=args.pgd_alpha, restarts=args.restarts,
+                                     eot_samples=args.eot_samples, seed=args.seed,
+                                     attack_opts=A.parse_options(getattr(args, "attack_opt", None)) or None)
+    settings.mtest = not args.no_mtest
+    models = load_models(specs)
+    surrogate = M.load(args.surrogate) if args.surrogate else None
+    blob = M.read_checkpoint(next(iter(specs.values())))
+    cfg = blob.get("config") or {}
+    data = D.load(cfg.get("dataset", "mnist"), args.data_dir)
+    x, y = D.to_float(data.x_test), data.y_test
+    about = {"data": f"{cfg.get('dataset', 'mnist')} test set ({data.source}, sha256 {data.sha256[:12]}), "
+                     f"the first {min(settings.n, len(y))} images",
+             "models": ", ".join(f"{k}={v}" for k, v in specs.items()),
+             "surrogate": str(args.surrogate) if args.surrogate else "none (no transfer attack)"}
+    for name, path in specs.items():
+        b = M.read_checkpoint(path)
+        if b.get("data_hash") != data.sha256:
+            log(f"warning: {name}: the checkpoint's data hash differs from {data.source}")
+        ex = b.get("extra") or {}
+        if "train_cpu_time" in ex:
+            about[f"{name} training"] = (f"{ex['train_cpu_time']:.0f} s CPU, {ex['train_time']:.0f} s wall, "
+                                         f"{len(ex.get('history', []))} epochs")
+    report = evaluate_models(models, x, y, args.out, settings=settings, surrogate=surrogate, baseline=baseline,
+                             about=about, log=log)
+    eps = report["eps"]
+    log(f"robust accuracy (worst case over every attack), first {settings.n} test images:")
+    log(f"{'row':34s} " + " ".join(f"{e:>6g}" for e in eps) + "  flags")
+    for row, r in report["rows"].items():
+        flags = ",".join(sorted({f["flag"] for f in r["flags"]})) or "ok"
+        log(f"{row[:34]:34s} " + " ".join(f"{a:6.3f}" for a in r["robustness"]["robust_accuracy"]) + f"  {flags}")
+    log(f"wrote {args.out}/{', '.join(FILES)}")
+    return report
 
 
 def cmd_train(args):
@@ -264,10 +344,7 @@ def cmd_train(args):
                        seed=args.seed, grad=grad, adv_train=args.adv_train, adv_eps=args.adv_eps,
                        adv_alpha=args.adv_alpha, adv_steps=args.adv_steps, adv_check=args.adv_check,
                        lr_schedule=args.lr_schedule)
-    mask = None
-    if args.mask_ratio > 0:
-        mask = {"ratio": args.mask_ratio, "mode": args.mask_mode, "scope": args.mask_scope,
-                "channels": "shared", "fill": 0.0, "seed": args.seed + 1, "eval_mask": "off"}
+    mask = M.mask_config(args.mask_ratio, args.mask_mode, args.mask_scope, args.seed) if args.mask_ratio > 0 else None
     data = D.load(args.dataset, args.data_dir, split_seed=args.seed, download=args.download)
     if args.train_subset:
         data = data.take(train=args.train_subset)

@@ -1,15 +1,15 @@
-"""Clean metrics, accuracy under attack, gradient-masking checks and the honest report.
+"""Clean metrics, accuracy under attack and the gradient-masking checks.
 
 - evaluate(model, x, y): accuracy, loss, macro precision/recall/F1, confusion
-  matrix, inference time, model size (the paper's Table II metrics).
+  matrix, inference time, model size (the paper's Table II metrics);
+  classification_metrics(pred, y) is their one home (training validates with it).
 - robustness(model, x, y, eps_list=...): accuracy per attack per eps, the
   per-sample correctness behind it, and the robust accuracy (per sample, the
   worst case over the clean input and every attack run).
 - sanity_checks(results): the usual signs that an evaluation is fooled by
   gradient masking (Athalye et al. 2018; Carlini et al. 2019).
-- honest_report(models, x, y): per model, accuracy vs eps for FGSM, PGD, PGD
-  with restarts, EOT-PGD and frozen-mask PGD (when masked at test time) and
-  transfer, with the checks and McNemar tests against a baseline.
+The honest evaluation of many models (every attack, the checks, the tests
+against a baseline) is fastmask.honest; its Markdown is fastmask.report.
 
 test_mask=True evaluates a model the way a randomized defence is deployed: its
 FeatureMask modules draw a fresh mask at every forward (attacks.model_state
@@ -21,10 +21,11 @@ import time
 import torch
 import torch.nn.functional as F
 
+from . import _checks as C
 from . import attacks as A
-from . import distributed, stats
+from . import distributed
 
-__all__ = ["evaluate", "predict", "robustness", "sanity_checks", "honest_report", "format_report",
+__all__ = ["evaluate", "predict", "logits", "classification_metrics", "confusion_matrix", "robustness", "sanity_checks",
            "model_size_bytes", "HONEST_EPS"]
 
 HONEST_EPS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 1.0)
@@ -36,16 +37,45 @@ def model_size_bytes(model):
 
 
 def _logits(model, x, batch_size):
-    dev = A._device(model, x)
+    dev = A.device_of(model, x)
     with torch.no_grad():
         return torch.cat([model(x[i:i + batch_size].to(dev)).float().cpu() for i in range(0, len(x), batch_size)])
 
 
+def logits(model, x, *, batch_size=1000, masks="model"):
+    """The model's logits (CPU float32), in batches, the model left unchanged."""
+    C.positive_int("batch_size", batch_size)
+    with A.model_state(model, masks):
+        return _logits(model, x, batch_size)
+
+
 def predict(model, x, *, batch_size=1000, masks="model"):
     """Predicted labels (CPU int64), the model left unchanged."""
-    A._positive_int("batch_size", batch_size)
-    with A.model_state(model, masks):
-        return _logits(model, x, batch_size).argmax(1)
+    return logits(model, x, batch_size=batch_size, masks=masks).argmax(1)
+
+
+def confusion_matrix(pred, y, num_classes=10):
+    """cm[i, j] = number of samples of true class i predicted as j."""
+    k = num_classes
+    return torch.bincount(y * k + pred, minlength=k * k).view(k, k)
+
+
+def classification_metrics(pred, y, num_classes=10):
+    """Accuracy, macro precision / recall / F1 (over the classes present in y or in pred, 0 where
+    undefined, as scikit-learn), their per-class lists and the confusion matrix (rows: true
+    class, columns: predicted) of predicted labels `pred` against `y` (CPU int64)."""
+    conf = confusion_matrix(pred, y, num_classes)
+    tp = conf.diag().double()
+    npred, ntrue = conf.sum(0).double(), conf.sum(1).double()
+    prec = torch.where(npred > 0, tp / npred.clamp(min=1), torch.zeros_like(tp))
+    rec = torch.where(ntrue > 0, tp / ntrue.clamp(min=1), torch.zeros_like(tp))
+    f1 = torch.where(prec + rec > 0, 2 * prec * rec / (prec + rec).clamp(min=1e-300), torch.zeros_like(tp))
+    present = (npred > 0) | (ntrue > 0)
+    return {"accuracy": (pred == y).double().mean().item(),
+            "precision": prec[present].mean().item(), "recall": rec[present].mean().item(),
+            "f1": f1[present].mean().item(),
+            "per_class": {"precision": prec.tolist(), "recall": rec.tolist(), "f1": f1.tolist()},
+            "confusion": conf.tolist()}
 
 
 def evaluate(model, x, y, *, batch_size=1000, num_classes=None, masks="model"):
@@ -57,51 +87,48 @@ def evaluate(model, x, y, *, batch_size=1000, num_classes=None, masks="model"):
     columns: predicted), correct (per-sample bool tensor), inference_time_s
     (wall time of all forwards), model_size_bytes and model_size_mb (10^6 bytes).
     """
-    A._check(x, y, batch_size)
+    A.check_inputs(x, y, batch_size)
     with A.model_state(model, masks):
-        if x.device.type == "cuda" or A._device(model, x).type == "cuda":
+        if x.device.type == "cuda" or A.device_of(model, x).type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        logits = _logits(model, x, batch_size)
+        out = _logits(model, x, batch_size)
         elapsed = time.perf_counter() - t0
     y = y.cpu()
-    k = num_classes or logits.shape[1]
+    k = num_classes or out.shape[1]
     if y.numel() and (y.min() < 0 or y.max() >= k):
         raise ValueError(f"labels must be in [0, {k}), got min {int(y.min())} max {int(y.max())}")
-    pred = logits.argmax(1)
-    conf = torch.bincount(y * k + pred, minlength=k * k).view(k, k)
-    tp = conf.diag().double()
-    npred, ntrue = conf.sum(0).double(), conf.sum(1).double()
-    prec = torch.where(npred > 0, tp / npred.clamp(min=1), torch.zeros_like(tp))
-    rec = torch.where(ntrue > 0, tp / ntrue.clamp(min=1), torch.zeros_like(tp))
-    f1 = torch.where(prec + rec > 0, 2 * prec * rec / (prec + rec).clamp(min=1e-300), torch.zeros_like(tp))
-    present = (npred > 0) | (ntrue > 0)
-    correct = pred == y
+    pred = out.argmax(1)
+    m = classification_metrics(pred, y, k)
     size = model_size_bytes(model)
-    return {"n": len(y), "accuracy": correct.double().mean().item(),
-            "loss": F.cross_entropy(logits, y).item(),
-            "precision": prec[present].mean().item(), "recall": rec[present].mean().item(),
-            "f1": f1[present].mean().item(),
-            "per_class": {"precision": prec.tolist(), "recall": rec.tolist(), "f1": f1.tolist()},
-            "confusion": conf.tolist(), "correct": correct, "inference_time_s": elapsed,
+    return {"n": len(y), "accuracy": m["accuracy"], "loss": F.cross_entropy(out, y).item(),
+            "precision": m["precision"], "recall": m["recall"], "f1": m["f1"], "per_class": m["per_class"],
+            "confusion": m["confusion"], "correct": pred == y, "inference_time_s": elapsed,
             "model_size_bytes": size, "model_size_mb": size / 1e6}
 
 
-def _attack_fn(name, eps, cfg):
-    """attack(model, x, y) for a built-in name (transfer is handled by the caller)."""
-    return A.make_attack(name, eps, steps=cfg["pgd_steps"], alpha=cfg["pgd_alpha"], restarts=cfg["restarts"],
-                         samples=cfg["eot_samples"], seed=cfg["seed"], masks=cfg["masks"],
-                         batch_size=cfg["batch_size"])
+KNOBS = (("pgd_steps", "steps"), ("pgd_alpha", "alpha"), ("restarts", "restarts"), ("eot_samples", "samples"))
 
 
-def robustness(model, x, y, *, eps_list, attacks=("fgsm", "pgd"), pgd_steps=40, pgd_alpha=0.01, restarts=1,
-               test_mask=False, batch_size=500, seed=0, eot_samples=20, surrogate=None):
+def attack_options(name, knobs, options=None):
+    """The settings attack `name` runs with: robustness's shared knobs (pgd_steps -> steps, ...) for
+    the settings the entry has, then options[name] (checked by the registry)."""
+    entry = A.get(name)
+    opts = {key: knobs[knob] for knob, key in KNOBS if key in entry.settings}
+    opts.update((options or {}).get(name, {}))
+    return entry.options(opts)
+
+
+def robustness(model, x, y, *, eps_list, attacks=("fgsm", "pgd"), options=None, pgd_steps=40, pgd_alpha=None,
+               restarts=1, test_mask=False, batch_size=500, seed=0, eot_samples=20, surrogate=None):
     """Accuracy of `model` under each attack at each eps (L-inf, inputs in [0, 1]).
 
-    attacks: names from attacks.ATTACKS ("fgsm", "pgd" (with `restarts`), "eot",
-    "frozen", "pgd_l2"), "transfer" (PGD crafted on `surrogate`, a model, or
-    precomputed examples {eps: x_adv}), or (label, fn) with fn(model, x, y, eps) -> x_adv.
-    pgd_alpha: step size, or None for 2.5 * eps / pgd_steps.
+    attacks: names from the registry (attacks.REGISTRY: "fgsm", "pgd", "eot",
+    "frozen", "pgd_l2", "transfer", ...), or (label, fn) with fn(model, x, y, eps) -> x_adv.
+    "transfer" is PGD crafted on `surrogate` (a model) or precomputed examples {eps: x_adv}.
+    pgd_steps, pgd_alpha (None: 2.5 * eps / pgd_steps), restarts, eot_samples: the
+    steps, alpha, restarts and samples of every attack that has that setting;
+    options {name: {key: value}} then sets any setting of one attack (--attack-opt).
     test_mask: FeatureMask modules draw a fresh mask at every forward (crafting
     and scoring); otherwise the model runs as in eval mode.
 
@@ -110,7 +137,7 @@ def robustness(model, x, y, *, eps_list, attacks=("fgsm", "pgd"), pgd_steps=40, 
     accuracy {attack: [per eps]}, correct {attack: bool tensor eps x n},
     robust_accuracy [per eps] and robust_correct (clean and every attack right).
     """
-    A._check(x, y, batch_size)
+    A.check_inputs(x, y, batch_size)
     eps_list = [float(e) for e in eps_list]
     if not eps_list or any(not e >= 0 for e in eps_list):
         raise ValueError(f"eps_list must be a non-empty list of eps >= 0, got {eps_list}")
@@ -118,17 +145,23 @@ def robustness(model, x, y, *, eps_list, attacks=("fgsm", "pgd"), pgd_steps=40, 
     if len(set(names)) != len(names):
         raise ValueError(f"attack labels must be unique, got {names}")
     for a in attacks:
-        if isinstance(a, str) and a not in A.ATTACKS + ("transfer",):
-            raise ValueError(f"unknown attack {a!r}: use one of {A.ATTACKS + ('transfer',)} or (label, fn)")
+        if isinstance(a, str) and a not in A.REGISTRY:
+            raise ValueError(f"unknown attack {a!r}: use one of {tuple(A.REGISTRY)} or (label, fn)")
+    for name in options or {}:
+        if name not in names:
+            raise ValueError(f"options for {name!r}, which is not one of the attacks {names}")
     if "transfer" in names and surrogate is None:
         raise ValueError("attack 'transfer' needs surrogate= (a model or {eps: x_adv})")
     masks = "random" if test_mask else "model"
     distributed.mask_streams(model)  # random masks: each rank draws its own
-    cfg = dict(pgd_steps=pgd_steps, pgd_alpha=pgd_alpha, restarts=restarts, eot_samples=eot_samples,
-               seed=seed, masks=masks, batch_size=batch_size)
+    knobs = dict(pgd_steps=pgd_steps, pgd_alpha=pgd_alpha, restarts=restarts, eot_samples=eot_samples)
+    cfg = dict(knobs, seed=seed, batch_size=batch_size)
+    if options:
+        cfg["options"] = {k: dict(v) for k, v in options.items()}
+    settings = {name: attack_options(name, knobs, options) for name in names if name in A.REGISTRY}
     y_cpu = y.cpu()
     out = {"eps": eps_list, "n": len(y), "masks": masks, "attacks": names,
-           "config": {k: v for k, v in cfg.items() if k != "masks"}, "accuracy": {}, "correct": {}}
+           "config": cfg, "accuracy": {}, "correct": {}}
     with A.model_state(model, masks):  # outermost: mask offsets advance through the whole call, restored at exit
         clean = predict(model, x, batch_size=batch_size, masks=masks) == y_cpu
         g = A.input_grad(model, x, y, masks=masks, batch_size=batch_size).flatten(1)
@@ -142,13 +175,11 @@ def robustness(model, x, y, *, eps_list, attacks=("fgsm", "pgd"), pgd_steps=40, 
             a, name, eps = work[j]
             if eps == 0:  # the eps-0 ball is x itself: every attack returns x, no need to run it
                 return clean.clone()
-            if name == "transfer":
-                if isinstance(surrogate, dict):
-                    x_adv = surrogate[eps]
-                else:
-                    x_adv = A.transfer(surrogate, model, x, y, _attack_fn("pgd", eps, dict(cfg, masks="model")))
+            if name == "transfer" and isinstance(surrogate, dict):
+                x_adv = surrogate[eps]
             elif isinstance(a, str):
-                x_adv = _attack_fn(name, eps, cfg)(model, x, y)
+                x_adv = A.get(name).bind(eps, settings[name], seed=seed, masks=masks, batch_size=batch_size,
+                                         surrogate=surrogate)(model, x, y)
             else:
                 x_adv = a[1](model, x, y, eps)
             return predict(model, x_adv, batch_size=batch_size, masks=masks) == y_cpu
@@ -165,8 +196,12 @@ def robustness(model, x, y, *, eps_list, attacks=("fgsm", "pgd"), pgd_steps=40, 
     return out
 
 
-WHITE_BOX = ("fgsm", "pgd", "pgd_restarts", "eot", "frozen")
-ITERATIVE = ("pgd", "pgd_restarts", "eot", "frozen")
+def _kind(label):
+    """The registry kind of an L-inf attack label; "<name>_restarts" (the honest evaluation's PGD
+    with restarts) is of its attack's kind; custom (label, fn) and L2 attacks have none."""
+    name = label[:-len("_restarts")] if label.endswith("_restarts") else label
+    e = A.REGISTRY.get(name)
+    return e.kind if e is not None and e.norm == "inf" else None
 
 
 def sanity_checks(results, *, tol=0.01, zero_grad_frac=0.05, max_acc_at_large_eps=0.10):
@@ -185,6 +220,9 @@ def sanity_checks(results, *, tol=0.01, zero_grad_frac=0.05, max_acc_at_large_ep
     """
     r = results.get("robustness", results)
     eps, acc, flags = r["eps"], r["accuracy"], []
+    # white-box: gradient attacks (single step and iterative, from the registry's kinds)
+    iterative = [a for a in acc if _kind(a) == "iterative"]
+    white_box = [a for a in acc if _kind(a) in ("single_step", "iterative")]
 
     def flag(name, detail):
         flags.append({"flag": name, "detail": detail})
@@ -196,11 +234,11 @@ def sanity_checks(results, *, tol=0.01, zero_grad_frac=0.05, max_acc_at_large_ep
     for i, e in enumerate(eps):
         if e == 0:
             continue
-        for it in ITERATIVE:
-            if it in acc and "fgsm" in acc and acc[it][i] > acc["fgsm"][i] + tol:
+        for it in iterative:
+            if "fgsm" in acc and acc[it][i] > acc["fgsm"][i] + tol:
                 flag("iterative_weaker_than_single_step",
                      f"eps={e:g}: {it} accuracy {acc[it][i]:.3f} > fgsm {acc['fgsm'][i]:.3f}")
-        wb = [acc[a][i] for a in WHITE_BOX if a in acc]
+        wb = [acc[a][i] for a in white_box]
         if wb and "transfer" in acc and min(wb) > acc["transfer"][i] + tol:
             flag("white_box_weaker_than_transfer",
                  f"eps={e:g}: best white-box accuracy {min(wb):.3f} > transfer {acc['transfer'][i]:.3f}")
@@ -222,82 +260,3 @@ def sanity_checks(results, *, tol=0.01, zero_grad_frac=0.05, max_acc_at_large_ep
                 flag("accuracy_rises_with_eps", f"{label}: accuracy {series[i]:.3f} at eps={eps[i]:g} "
                      f"< {series[j]:.3f} at eps={eps[j]:g}")
     return flags
-
-
-def _has_masks(model):
-    return bool(A.feature_masks(model))
-
-
-def honest_report(models, x, y, *, eps_list=HONEST_EPS, surrogate=None, baseline=None, pgd_steps=40,
-                  pgd_alpha=None, restarts=5, eot_samples=20, test_mask="auto", batch_size=500, seed=0):
-    """Per model: clean metrics, accuracy vs eps under every relevant attack, flags, tests vs baseline.
-
-    models: {name: model} (or one model). Attacks: FGSM, PGD, PGD with `restarts`
-    random restarts, transfer (PGD on `surrogate`, crafted once per eps) and, for
-    rows masked at test time, EOT-PGD (`eot_samples` draws per step) and
-    frozen-mask PGD (surrogate: a model, or precomputed examples {eps: x_adv}). test_mask:
-    False, True or "auto" (both rows for models with FeatureMask modules: "<name>"
-    unmasked and "<name> [test mask]" randomized).
-    baseline: a row name; every other row gets McNemar tests of its robust
-    correctness against it, per eps ("more robust" only when p < 0.05).
-    Returns {"rows": {row: {...}}, "eps": [...], "config": {...}}.
-    """
-    if isinstance(models, torch.nn.Module):
-        models = {"model": models}
-    if test_mask not in (False, True, "auto"):
-        raise ValueError(f"test_mask must be False, True or 'auto', got {test_mask!r}")
-    eps_list = [float(e) for e in eps_list]
-    cfg = dict(pgd_steps=pgd_steps, pgd_alpha=pgd_alpha, restarts=restarts, eot_samples=eot_samples,
-               batch_size=batch_size, seed=seed)
-    transfer_x = surrogate if isinstance(surrogate, dict) else None  # precomputed {eps: x_adv}
-    if surrogate is not None and transfer_x is None:  # the same transfer examples for every row
-        transfer_x = {e: _attack_fn("pgd", e, dict(cfg, restarts=1, masks="model"))(surrogate, x, y) for e in eps_list}
-
-    def pgd_restarts(m, xb, yb, e, masks):
-        return _attack_fn("pgd", e, dict(cfg, masks=masks))(m, xb, yb)
-    rows = {}
-    for name, model in models.items():
-        settings = {"auto": [False, True] if _has_masks(model) else [False], False: [False], True: [True]}[test_mask]
-        for tm in settings:
-            masks = "random" if tm else "model"
-            atk = ["fgsm", "pgd"]
-            if restarts > 1:
-                atk.append(("pgd_restarts", lambda m, xb, yb, e, _m=masks: pgd_restarts(m, xb, yb, e, _m)))
-            if tm:
-                atk += ["eot", "frozen"]
-            if transfer_x is not None:
-                atk.append("transfer")
-            rob = robustness(model, x, y, eps_list=eps_list, attacks=atk, pgd_steps=pgd_steps,
-                             pgd_alpha=pgd_alpha, restarts=1, test_mask=tm, batch_size=batch_size, seed=seed,
-                             eot_samples=eot_samples, surrogate=transfer_x)
-            row = f"{name} [test mask]" if tm and test_mask == "auto" else name
-            rows[row] = {"model": name, "test_mask": tm, "clean": evaluate(model, x, y, batch_size=batch_size,
-                                                                             masks=masks),
-                         "robustness": rob, "flags": sanity_checks(rob)}
-    if baseline is not None:
-        if baseline not in rows:
-            raise ValueError(f"baseline {baseline!r} is not a row; rows are {list(rows)}")
-        base = rows[baseline]["robustness"]["robust_correct"]
-        for row, r in rows.items():
-            if row != baseline:
-                r["vs_baseline"] = [stats.compare(c, b) for c, b in zip(r["robustness"]["robust_correct"], base)]
-    return {"rows": rows, "eps": eps_list, "baseline": baseline, "config": cfg}
-
-
-def format_report(report):
-    """The honest report as Markdown: one accuracy-vs-eps table per row, then its flags."""
-    eps, lines = report["eps"], []
-    for row, r in report["rows"].items():
-        rob = r["robustness"]
-        lines += [f"### {row}", "", f"clean accuracy {r['clean']['accuracy']:.4f} (n={rob['n']}, "
-                  f"masks at test time: {rob['masks']})", "",
-                  "| attack | " + " | ".join(f"eps={e:g}" for e in eps) + " |",
-                  "|---" * (len(eps) + 1) + "|"]
-        for name, accs in list(rob["accuracy"].items()) + [("robust (worst case)", rob["robust_accuracy"])]:
-            lines.append(f"| {name} | " + " | ".join(f"{a:.4f}" for a in accs) + " |")
-        if "vs_baseline" in r:
-            lines.append(f"| vs {report['baseline']} (McNemar) | " + " | ".join(
-                f"{c['delta']:+.4f} p={c['p_value']:.2g} {c['verdict']}" for c in r["vs_baseline"]) + " |")
-        lines += [""] + ([f"- FLAG {f['flag']}: {f['detail']}" for f in r["flags"]] or ["- no gradient-masking flags"])
-        lines.append("")
-    return "\n".join(lines)

@@ -55,6 +55,13 @@ class Net(nn.Module):
         return self.net(self.mask(x))
 
 
+def mask_config(ratio, mode="pixel", scope="sample", seed=0):
+    """The FeatureMask config of a trained row (`fastmask train` and the reproduce rows): shared
+    channels, fill 0, mask seed = training seed + 1 (not the weights' seed), no mask in eval mode."""
+    return {"ratio": ratio, "mode": mode, "scope": scope, "channels": "shared", "fill": 0.0, "seed": seed + 1,
+            "eval_mask": "off"}
+
+
 def build(name, mask_cfg=None, seed=None):
     """A fresh model; `seed` makes the initial weights reproducible without touching the global RNG."""
     if seed is None:

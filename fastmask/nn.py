@@ -18,6 +18,7 @@ from typing import Iterable, List, Optional
 import torch
 from torch import Tensor
 
+from fastmask import _checks as C
 from fastmask import ops
 
 __all__ = ["FeatureMask", "LearnedMask", "GradManipulator", "FIXED_OFFSET"]
@@ -40,12 +41,12 @@ class FeatureMask(torch.nn.Module):
                  eval_mask: str = "off"):
         super().__init__()
         # validate once here, with the op's own checks
-        ops._mask_args(ratio, mode, scope, channels)
-        ops._u64("seed", seed)
-        ops._fill(fill)
+        C.mask_args(ratio, mode, scope, channels)
+        C.u64("seed", seed)
+        C.fill("fill", fill)
         self.ratio, self.mode, self.scope, self.channels = float(ratio), mode, scope, channels
         self.fill, self.seed = float(fill), int(seed)
-        self.eval_mask = ops._choice("eval_mask", eval_mask, ("off", "consistent"))
+        self.eval_mask = C.choice("eval_mask", eval_mask, ("off", "consistent"))
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         # scope "sample" draws at offset step + stream * 2^40: fastmask.distributed sets stream to
         # the rank so that no two ranks draw the same masks (0, the default, changes nothing)
@@ -81,8 +82,8 @@ class FeatureMask(torch.nn.Module):
                 and x.dtype in ops.FLOAT_DTYPES):
             # the hot path of a training step: the arguments were checked in __init__, and
             # the C++ op checks them again, so skip the Python checks (~20 us a call)
-            return ops._mask_apply_int(x, self.ratio, ops._u64("seed", self.seed),
-                                       ops._u64("offset", offset), self.mode, self.scope,
+            return ops._mask_apply_int(x, self.ratio, C.u64("seed", self.seed),
+                                       C.u64("offset", offset), self.mode, self.scope,
                                        self.channels, self.fill)
         return ops.mask_apply(x, self.ratio, seed=self.seed, offset=offset, mode=self.mode,
                               scope=self.scope, channels=self.channels, fill=self.fill)
@@ -103,9 +104,7 @@ class LearnedMask(torch.nn.Module):
 
     def __init__(self, shape, l1: float = 1e-3, init: float = 3.0):
         super().__init__()
-        l1 = ops._number("l1", l1)
-        if l1 < 0:
-            raise ValueError(f"l1 must be >= 0, got {l1}")
+        l1 = C.nonneg("l1", l1)
         self.l1 = l1
         self.logits = torch.nn.Parameter(torch.full(tuple(shape), float(init)))
 

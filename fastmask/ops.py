@@ -19,7 +19,6 @@ recompiling for each offset.
 The attack-step ops (fgsm, pgd_step, random_start) are not differentiable: their
 inputs are detached and the result never requires grad.
 """
-import math
 import numbers
 import os
 from typing import List, Optional, Sequence, Union
@@ -27,6 +26,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from fastmask import _checks as C
 from fastmask import reference
 
 __all__ = [
@@ -35,10 +35,7 @@ __all__ = [
     "MODES", "SCOPES", "CHANNELS", "NORMS",
 ]
 
-MODES = ("pixel", "block", "blur")
-SCOPES = ("sample", "fixed")
-CHANNELS = ("shared", "separate")
-NORMS = ("inf", "2")
+MODES, SCOPES, CHANNELS, NORMS = C.MODES, C.SCOPES, C.CHANNELS, C.NORMS
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -76,67 +73,28 @@ def build_info() -> dict:
 
 # ----------------------------------------------------------------------------- checks
 
-def _number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
-    value = float(value)
-    if math.isnan(value):
-        raise ValueError(f"{name} must not be NaN, got {value!r}")
-    return value
+# the scalar checks are fastmask._checks (one set for ops, nn, attacks, the configs and the CLI)
+_number = C.number
+_u64 = C.u64  # seeds and offsets: int64 two's complement, as the C++ schema takes them
+_choice = C.choice
+_bounds = C.bounds
+_mask_args = C.mask_args
 
 
 def _fill(fill) -> float:
-    """Any real number, NaN and infinities included (a value to write, not a bound)."""
-    if isinstance(fill, bool) or not isinstance(fill, numbers.Real):
-        raise TypeError(f"fill must be a real number, got {fill!r} ({type(fill).__name__})")
-    return float(fill)
-
-
-def _u64(name: str, value) -> int:
-    """An integer in [0, 2^64), returned as int64 two's complement (the C++ schema)."""
-    if type(value) is int and 0 <= value < 2 ** 63:  # the common case, ~10x cheaper
-        return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer in [0, 2**64), got {value!r} "
-                        f"({type(value).__name__})")
-    value = int(value)
-    if not 0 <= value < 2 ** 64:
-        raise ValueError(f"{name} must be in [0, 2**64), got {value}")
-    return value - 2 ** 64 if value >= 2 ** 63 else value
+    return C.fill("fill", fill)
 
 
 def _ratio(ratio) -> float:
-    ratio = _number("ratio", ratio)
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"ratio must be in [0, 1], got {ratio}")
-    return ratio
-
-
-def _choice(name: str, value, choices) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value
+    return C.ratio("ratio", ratio)
 
 
 def _norm(norm) -> str:
-    """'inf' or '2' (also accepts math.inf and 2)."""
-    if not isinstance(norm, str) and isinstance(norm, numbers.Real) and not isinstance(norm, bool):
-        norm = "inf" if norm == math.inf else ("2" if norm == 2 else norm)
-    return _choice("norm", norm, NORMS)
-
-
-def _bounds(lo, hi):
-    lo, hi = _number("lo", lo), _number("hi", hi)
-    if lo > hi:
-        raise ValueError(f"lo must be <= hi, got lo={lo}, hi={hi}")
-    return lo, hi
+    return C.norm("norm", norm)
 
 
 def _eps(eps) -> float:
-    eps = _number("eps", eps)
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    return eps
+    return C.eps("eps", eps)
 
 
 def _float_tensor(name: str, t) -> Tensor:
@@ -181,11 +139,6 @@ def _out(out, x: Tensor) -> Tensor:
         raise ValueError("out= does not support autograd: x or out requires grad; call it under "
                          "torch.no_grad() or without out=")
     return out
-
-
-def _mask_args(ratio, mode, scope, channels):
-    return (_ratio(ratio), _choice("mode", mode, MODES), _choice("scope", scope, SCOPES),
-            _choice("channels", channels, CHANNELS))
 
 
 # ----------------------------------------------------------------------------- ops

@@ -1,4 +1,6 @@
-"""Write the results of `fastmask reproduce`: results.json, table.md, table.csv and figures.
+"""Every Markdown table and figure: `fastmask reproduce` (results.json, table.md, table.csv,
+figures), the seeds statistics (table.md over seeds) and the honest evaluation (honest.md,
+honest.json, honest_accuracy_vs_eps.png).
 
 Every file is written atomically (temp file, fsync, rename). Figures use
 matplotlib's Agg backend and are skipped, with a note in the summary, when
@@ -16,8 +18,11 @@ import io
 import json
 import math
 
+import torch
+
 from pathlib import Path
 
+from . import distributed
 from .data import atomic_write_bytes
 
 FIGURES = ("fig1_training_curves.png", "fig2_adversarial.png", "fig3_clean_vs_adversarial.png",
@@ -247,3 +252,172 @@ def summary(results):
               f"total wall time {results['wall_time_s']:.0f} s (process CPU time "
               f"{results.get('cpu_time_s', float('nan')):.0f} s); time+ = training CPU time vs the baseline"]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the honest evaluation
+HONEST_FILES = ("honest.md", "honest.json", "honest_accuracy_vs_eps.png")
+
+
+def json_ready(o):
+    """JSON-ready copy: per-sample tensors dropped, other tensors as lists, non-finite floats None."""
+    if isinstance(o, dict):
+        return {k: json_ready(v) for k, v in o.items() if k not in ("correct", "clean_correct", "robust_correct")
+                or not isinstance(v, (torch.Tensor, dict))}
+    if isinstance(o, (list, tuple)):
+        return [json_ready(v) for v in o]
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return o
+
+
+def _pct1(v):
+    return "–" if v is None else f"{100 * v:.1f}"
+
+
+def headline_eps(eps):
+    """The eps the summary compares at: 0.3 if swept, else the largest eps below 1."""
+    below = [e for e in eps if 0 < e < 1]
+    return 0.3 if 0.3 in eps else (max(below) if below else max(eps))
+
+
+def honest_markdown(report):
+    s, eps = report["settings"], report["eps"]
+    k = eps.index(headline_eps(eps))
+    alpha = "2.5 eps / steps" if s["pgd_alpha"] is None else f"{s['pgd_alpha']:g}"
+    lines = ["# Honest robustness evaluation", "",
+             f"The first {s['n']} test images; L-inf attacks, inputs in [0, 1]. FGSM; PGD-{s['pgd_steps']} "
+             f"(step {alpha}, random start); PGD with {s['restarts']} restarts (per sample, any restart that "
+             f"breaks it counts); transfer (PGD crafted on a separately trained surrogate"
+             f"{'' if report['surrogate'] else ': not run, no surrogate'}); for rows masked at test time also "
+             f"EOT-PGD ({s['eot_samples']} mask draws per step) and PGD against one frozen mask draw. "
+             "Robust accuracy: per sample, right on the clean input and under every attack (rows masked at "
+             "test time score every attack with a fresh mask draw, so their worst case also holds the "
+             "defence's own randomness). "
+             "eps = 1 holds every image, so every row must fall to ~0 there (a sanity check).", "",
+             "## Robust accuracy (%) vs eps", "",
+             "| row | clean | " + " | ".join(f"eps {e:g}" for e in eps)
+             + f" | vs baseline at eps {eps[k]:g} (McNemar) | sanity checks |",
+             "|---|---|" + "---|" * len(eps) + "---|---|"]
+    for row, r in report["rows"].items():
+        rob = r["robustness"]
+        vs = r.get("vs_baseline")
+        test = "–" if vs is None else (f"{100 * vs[k]['delta']:+.1f} pts, p={vs[k]['p_value']:.2g}: "
+                                       f"{vs[k]['verdict']}")
+        flags = sorted({f["flag"] for f in r["flags"]})
+        lines.append(f"| {row} | {_pct1(rob['clean_accuracy'])} | "
+                     + " | ".join(_pct1(a) for a in rob["robust_accuracy"]) + f" | {test} | "
+                     + ("**FLAG: " + ", ".join(flags) + "**" if flags else "ok") + " |")
+    if report["baseline"] is not None:
+        lines += ["", f"## Against `{report['baseline']}`: robust accuracy difference (points), McNemar p, "
+                  "at every eps (**bold**: p < 0.05; a row is 'more robust' only there)", "",
+                  "| row | " + " | ".join(f"eps {e:g}" for e in eps) + " |", "|---" * (len(eps) + 1) + "|"]
+        for row, r in report["rows"].items():
+            if "vs_baseline" in r:
+                cells = []
+                for c in r["vs_baseline"]:
+                    t = f"{100 * c['delta']:+.1f} (p={c['p_value']:.2g})"
+                    cells.append(f"**{t}**" if c["significant"] else t)
+                lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    lines += ["", "## Every attack, per row", "", format_report(report)]
+    about = report.get("about") or {}
+    if about:
+        lines += ["## Set-up", ""] + [f"- {k}: {v}" for k, v in about.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_honest(report, out):
+    if not distributed.is_main():  # under torchrun rank 0 writes
+        return
+    out = Path(out)
+    atomic_write_bytes(out / "honest.md", honest_markdown(report).encode())
+    atomic_write_bytes(out / "honest.json", (json.dumps(json_ready(report), indent=1) + "\n").encode())
+    _honest_figure(report, out / "honest_accuracy_vs_eps.png")
+
+
+def _honest_figure(report, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    eps = report["eps"]
+    fig, ax = plt.subplots(1, 2, figsize=(13, 4.5))
+    for row, r in report["rows"].items():
+        rob = r["robustness"]
+        ax[0].plot(eps, rob["robust_accuracy"], marker="o", label=row)
+        best = "pgd_restarts" if "pgd_restarts" in rob["accuracy"] else "pgd"
+        ax[1].plot(eps, rob["accuracy"][best], marker="o", label=row)
+    ax[0].set_title("robust accuracy (worst case over every attack)")
+    ax[1].set_title("PGD with restarts")
+    for a in ax:
+        a.set_xlabel("eps (L-inf)")
+        a.set_ylim(0, 1)
+    ax[0].set_ylabel("accuracy")
+    ax[1].legend(fontsize=7)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def format_report(report):
+    """The honest report as Markdown: one accuracy-vs-eps table per row, then its flags."""
+    eps, lines = report["eps"], []
+    for row, r in report["rows"].items():
+        rob = r["robustness"]
+        lines += [f"### {row}", "", f"clean accuracy {r['clean']['accuracy']:.4f} (n={rob['n']}, "
+                  f"masks at test time: {rob['masks']})", "",
+                  "| attack | " + " | ".join(f"eps={e:g}" for e in eps) + " |",
+                  "|---" * (len(eps) + 1) + "|"]
+        for name, accs in list(rob["accuracy"].items()) + [("robust (worst case)", rob["robust_accuracy"])]:
+            lines.append(f"| {name} | " + " | ".join(f"{a:.4f}" for a in accs) + " |")
+        if "vs_baseline" in r:
+            lines.append(f"| vs {report['baseline']} (McNemar) | " + " | ".join(
+                f"{c['delta']:+.4f} p={c['p_value']:.2g} {c['verdict']}" for c in r["vs_baseline"]) + " |")
+        lines += [""] + ([f"- FLAG {f['flag']}: {f['detail']}" for f in r["flags"]] or ["- no gradient-masking flags"])
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- statistics over seeds
+def _ms(e, scale=100):
+    if e is None:
+        return "–"
+    hw = e["half_width"]
+    ci = "" if math.isnan(hw) else f" [{scale * e['ci_low']:.1f}, {scale * e['ci_high']:.1f}]"
+    sd = "" if math.isnan(e["std"]) else f" ± {scale * e['std']:.1f}"
+    return f"{scale * e['mean']:.1f}{sd}{ci}"
+
+
+def seeds_markdown(agg, cfg):
+    """table.md of `reproduce --seeds N`: the aggregate of seeds.aggregate_seeds."""
+    from .seeds import METRICS
+    eps, n = agg["paper_eps"], agg["n_seeds"]
+    lines = [f"# Table I over {n} seeds ({', '.join(map(str, agg['seeds']))}), {cfg['model'].upper()} on "
+             f"{cfg['dataset']}, preset {cfg['preset']}, eps = {eps:g}", "",
+             "Each cell: mean ± sample std [95 % t confidence interval] in %, over the seeds (each seed: its own "
+             "train/validation split, initial weights and masks; the same test set). eps: the first seed's "
+             "paper eps. Per-seed files: seed_<s>/.", "",
+             "| model | " + " | ".join(m[1] for m in METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+    for r in agg["rows"].values():
+        lines.append(f"| {r['label']} | " + " | ".join(_ms(r.get(m[0])) for m in METRICS) + " |")
+    lines += ["", f"## Against the baseline ({agg['tests']})", "",
+              "| model | metric | difference (pts) | paired t p | McNemar p (first seed) | verdict |",
+              "|---|---|---|---|---|---|"]
+    for name, r in agg["rows"].items():
+        if name == "baseline":
+            continue
+        for key, label, _, _ in METRICS:
+            e = r.get(key)
+            if not e or ("vs_baseline_paired_t" not in e and "vs_baseline_mcnemar_first_seed" not in e):
+                continue
+            t = e.get("vs_baseline_paired_t")
+            mc = e.get("vs_baseline_mcnemar_first_seed")
+            verdict, delta = e["verdict"], t["delta"] if t else mc["delta"]
+            pt = "–" if not t else f"{t['p_value']:.2g}"
+            pm = "–" if not mc else f"{mc['p_value']:.2g}"
+            lines.append(f"| {r['label']} | {label} | {100 * delta:+.1f} | {pt} | {pm} | {verdict} |")
+    return "\n".join(lines) + "\n"

@@ -6,6 +6,9 @@
 - paired_t(a, b): paired t-test across seeds.
 - compare(row, baseline): difference plus a test; a row is only ever called
   "more robust" (or "less robust") when p < alpha.
+- versus_baseline(rows, baseline, correct): compare() of every row against the
+  baseline row, over the same samples (the one compare-to-baseline loop of
+  reproduce, the seeds statistics and the honest evaluation).
 
 The Student t distribution is computed here (regularized incomplete beta by a
 continued fraction, quantiles by bisection) so that importing this module needs
@@ -13,7 +16,7 @@ neither numpy nor scipy; tests check it against scipy.
 """
 import math
 
-__all__ = ["summary", "t_cdf", "t_ppf", "mcnemar", "paired_t", "compare"]
+__all__ = ["summary", "t_cdf", "t_ppf", "mcnemar", "paired_t", "compare", "versus_baseline"]
 
 
 def _values(v, name):
@@ -191,3 +194,21 @@ def compare(row, baseline, *, alpha=0.05, test="auto"):
     verdict = ("more robust" if delta > 0 else "less robust") if significant else "no significant difference"
     return {"test": test, "delta": delta, "p_value": r["p_value"], "alpha": alpha,
             "significant": significant, "verdict": verdict, "detail": r}
+
+
+def _versus(c, b, keys):
+    if isinstance(c, dict):
+        return {k: _versus(c[k], b[k], keys) for k in c}
+    if getattr(c, "dim", lambda: 1)() == 2:  # eps x n: one test per eps
+        return [_versus(ci, bi, keys) for ci, bi in zip(c, b)]
+    r = compare(c, b)
+    return r if keys is None else {k: r[k] for k in keys}
+
+
+def versus_baseline(rows, baseline, correct, *, keys=None):
+    """{row: comparison} for every row of {name: row} but `baseline`: compare() of correct(row)
+    against correct(rows[baseline]). correct(row) is per-sample correctness (a 1-D bool tensor: one
+    test), an eps x n bool tensor (one test per eps: a list) or a dict of those (a dict of results).
+    keys: keep only these fields of each result."""
+    base = correct(rows[baseline])
+    return {name: _versus(correct(r), base, keys) for name, r in rows.items() if name != baseline}

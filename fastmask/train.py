@@ -1,4 +1,4 @@
-"""Training, as in the paper's section V, plus a metrics helper.
+"""Training, as in the paper's section V.
 
 Per epoch: shuffle (seeded torch.Generator); per batch: forward through the
 model (its FeatureMask draws a fresh mask in training mode), cross-entropy,
@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import _checks as C
 from .data import to_float
 
 OPTIMIZERS = ("adam", "sgd")
@@ -61,19 +62,13 @@ class TrainConfig:
 
     def __post_init__(self):
         for k in ("epochs", "batch_size", "eval_batch", "adv_steps"):
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{k}={v!r} must be a positive int")
-        if not self.lr > 0:
-            raise ValueError(f"lr={self.lr!r} must be > 0")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer={self.optimizer!r} is not one of {OPTIMIZERS}")
-        if self.adv_train not in ADV_TRAIN:
-            raise ValueError(f"adv_train={self.adv_train!r} is not one of {ADV_TRAIN}")
+            C.field(C.positive_int, k, getattr(self, k))
+        C.field(C.positive, "lr", self.lr)
+        C.field(C.choice, "optimizer", self.optimizer, OPTIMIZERS)
+        C.field(C.choice, "adv_train", self.adv_train, ADV_TRAIN)
         if self.adv_train and not self.adv_eps > 0:
             raise ValueError(f"adv_eps={self.adv_eps!r} must be > 0 for adversarial training")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule={self.lr_schedule!r} is not one of {LR_SCHEDULES}")
+        C.field(C.choice, "lr_schedule", self.lr_schedule, LR_SCHEDULES)
         if self.adv_alpha is not None and not self.adv_alpha > 0:
             raise ValueError(f"adv_alpha={self.adv_alpha!r} must be > 0 (or None for 1.25 * adv_eps)")
         if self.adv_check and not self.adv_train:
@@ -88,44 +83,15 @@ class TrainConfig:
         return asdict(self)
 
 
-# ---------------------------------------------------------------- metrics
-def confusion_matrix(pred, y, n_classes=10):
-    """cm[i, j] = number of samples of true class i predicted as j."""
-    return torch.bincount(y * n_classes + pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
-
-
-def classification_metrics(pred, y, n_classes=10):
-    """Accuracy, macro precision/recall/F1 and the confusion matrix. The macro average runs over
-    the classes present in y or in pred (as scikit-learn); 0 where a ratio is undefined."""
-    cm = confusion_matrix(pred, y, n_classes).to(torch.float64)
-    tp = cm.diag()
-    pred_n, true_n = cm.sum(0), cm.sum(1)
-    prec = torch.where(pred_n > 0, tp / pred_n.clamp_min(1), torch.zeros_like(tp))
-    rec = torch.where(true_n > 0, tp / true_n.clamp_min(1), torch.zeros_like(tp))
-    f1 = torch.where(prec + rec > 0, 2 * prec * rec / (prec + rec).clamp_min(1e-300), torch.zeros_like(tp))
-    present = (pred_n > 0) | (true_n > 0)
-    return {"accuracy": (tp.sum() / max(len(y), 1)).item(), "precision": prec[present].mean().item(),
-            "recall": rec[present].mean().item(), "f1": f1[present].mean().item(),
-            "confusion": cm.to(torch.int64).tolist()}
-
-
-@torch.no_grad()
-def predict(model, x, batch_size=1000):
-    """Logits of the model in eval mode (x uint8 or float in [0, 1]); the training flag is restored."""
-    was = model.training
-    model.eval()
-    dev = next(model.parameters()).device
-    try:
-        out = [model((to_float(xb) if xb.dtype == torch.uint8 else xb).to(dev)).cpu() for xb in x.split(batch_size)]
-    finally:
-        model.train(was)
-    return torch.cat(out) if out else torch.empty(0, 10)
-
-
+# ---------------------------------------------------------------- validation
 def validate(model, x, y, batch_size=1000):
-    logits = predict(model, x, batch_size)
-    m = classification_metrics(logits.argmax(1), y)
-    m["loss"] = F.cross_entropy(logits, y).item()
+    """Clean accuracy, loss, macro precision/recall/F1 and confusion of the model in eval mode
+    (x uint8 or float in [0, 1]); the metrics are evaluate.classification_metrics."""
+    from .evaluate import classification_metrics, logits
+    out = logits(model, to_float(x) if x.dtype == torch.uint8 else x, batch_size=batch_size)
+    m = classification_metrics(out.argmax(1), y, 10)
+    m = {k: m[k] for k in ("accuracy", "precision", "recall", "f1", "confusion")}
+    m["loss"] = F.cross_entropy(out, y).item()
     return m
 
 
@@ -164,7 +130,7 @@ def train_batch_pgd_acc(model, x, y, eps, seed):
     """PGD-10 (alpha eps/4, random start) accuracy on a training batch: the early-stop signal."""
     from .attacks import pgd
     from .evaluate import predict
-    x_adv = pgd(model, x, y, eps, eps / 4, 10, seed=seed)
+    x_adv = pgd(model, x, y, eps, alpha=eps / 4, steps=10, seed=seed)
     return (predict(model, x_adv) == y).double().mean().item()
 
 

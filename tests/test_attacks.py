@@ -86,7 +86,7 @@ def test_fgsm_and_pgd_equal_torchattacks(make):
         ref = ta.FGSM(model, eps=eps)(x, y)
         torch.testing.assert_close(attacks.fgsm(model, x, y, eps), ref, rtol=0, atol=1e-6)
         ref = ta.PGD(model, eps=eps, alpha=eps / 4, steps=10, random_start=False)(x, y)
-        out = attacks.pgd(model, x, y, eps, eps / 4, 10, random_start=False)
+        out = attacks.pgd(model, x, y, eps, alpha=eps / 4, steps=10, random_start=False)
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
 
 
@@ -100,7 +100,7 @@ def test_targeted_fgsm_and_pgd_equal_torchattacks():
     torch.testing.assert_close(attacks.fgsm(model, x, target, 0.1, targeted=True), atk(x, target), rtol=0, atol=1e-6)
     atk = ta.PGD(model, eps=0.1, alpha=0.02, steps=8, random_start=False)
     atk.set_mode_targeted_by_label(quiet=True)
-    out = attacks.pgd(model, x, target, 0.1, 0.02, 8, random_start=False, targeted=True)
+    out = attacks.pgd(model, x, target, 0.1, alpha=0.02, steps=8, random_start=False, targeted=True)
     torch.testing.assert_close(out, atk(x, target), rtol=0, atol=1e-5)
 
 
@@ -117,7 +117,7 @@ def test_fgsm_and_pgd_equal_art():
     pgd = ProjectedGradientDescentPyTorch(clf, eps=0.1, eps_step=0.025, max_iter=10, num_random_init=0,
                                           batch_size=len(x), verbose=False)
     ref = pgd.generate(x.numpy(), y=F.one_hot(y, 4).numpy())
-    out = attacks.pgd(model, x, y, 0.1, 0.025, 10, random_start=False)
+    out = attacks.pgd(model, x, y, 0.1, alpha=0.025, steps=10, random_start=False)
     torch.testing.assert_close(out, torch.from_numpy(ref), rtol=0, atol=1e-5)
 
 
@@ -128,7 +128,7 @@ def test_restarts_never_lower_success():
     x, y = _data(64)
     broken = {}
     for r in (1, 4):
-        adv = attacks.pgd(model, x, y, 0.05, 0.01, 5, seed=7, restarts=r)
+        adv = attacks.pgd(model, x, y, 0.05, alpha=0.01, steps=5, seed=7, restarts=r)
         with torch.no_grad():
             broken[r] = model(adv).argmax(1) != y
         assert ((adv - x).abs() <= 0.05 + 1e-6).all()
@@ -140,7 +140,7 @@ def test_l2_pgd_stays_in_the_ball_and_raises_loss():
     model = _cnn().eval()
     x, y = _data()
     for rand in (False, True):
-        adv = attacks.pgd(model, x, y, 0.5, 0.1, 10, random_start=rand, norm="2")
+        adv = attacks.pgd(model, x, y, 0.5, alpha=0.1, steps=10, random_start=rand, norm="2")
         assert ((adv - x).flatten(1).norm(dim=1) <= 0.5 + 1e-5).all()
         assert adv.min() >= 0 and adv.max() <= 1
         assert _loss(model, adv, y).sum() > _loss(model, x, y).sum()
@@ -151,23 +151,23 @@ def test_batching_gives_the_same_examples_without_random_start():
     x, y = _data(30)
     torch.testing.assert_close(attacks.fgsm(model, x, y, 0.1, batch_size=7), attacks.fgsm(model, x, y, 0.1),
                                rtol=0, atol=0)
-    a = attacks.pgd(model, x, y, 0.1, 0.02, 5, random_start=False, batch_size=8)
-    torch.testing.assert_close(a, attacks.pgd(model, x, y, 0.1, 0.02, 5, random_start=False), rtol=0, atol=1e-6)
+    a = attacks.pgd(model, x, y, 0.1, alpha=0.02, steps=5, random_start=False, batch_size=8)
+    torch.testing.assert_close(a, attacks.pgd(model, x, y, 0.1, alpha=0.02, steps=5, random_start=False), rtol=0, atol=1e-6)
 
 
 def test_random_start_is_seeded():
     model = _mlp().eval()
     x, y = _data()
-    a = attacks.pgd(model, x, y, 0.1, 0.02, 3, seed=1)
-    assert torch.equal(a, attacks.pgd(model, x, y, 0.1, 0.02, 3, seed=1))
-    assert not torch.equal(a, attacks.pgd(model, x, y, 0.1, 0.02, 3, seed=2))
+    a = attacks.pgd(model, x, y, 0.1, alpha=0.02, steps=3, seed=1)
+    assert torch.equal(a, attacks.pgd(model, x, y, 0.1, alpha=0.02, steps=3, seed=1))
+    assert not torch.equal(a, attacks.pgd(model, x, y, 0.1, alpha=0.02, steps=3, seed=2))
 
 
 def test_targeted_pgd_reaches_the_target():
     model = _mlp().eval()
     x, y = _data(32)
     target = (y + 1) % 4
-    adv = attacks.pgd(model, x, target, 1.0, 0.1, 30, targeted=True)
+    adv = attacks.pgd(model, x, target, 1.0, alpha=0.1, steps=30, targeted=True)
     with torch.no_grad():
         assert (model(adv).argmax(1) == target).float().mean() >= 0.9
 
@@ -215,9 +215,9 @@ def test_model_is_left_unchanged():
     flags = [m.training for m in model.modules()]
     reqs = [p.requires_grad for p in model.parameters()]
     for run in (lambda: attacks.fgsm(model, x, y, 0.1, masks="random"),
-                lambda: attacks.pgd(model, x, y, 0.1, 0.02, 3, restarts=2, masks="random"),
-                lambda: attacks.eot_pgd(model, x, y, 0.1, 0.02, 3, samples=4),
-                lambda: attacks.pgd_frozen_mask(model, x, y, 0.1, 0.02, 3),
+                lambda: attacks.pgd(model, x, y, 0.1, alpha=0.02, steps=3, restarts=2, masks="random"),
+                lambda: attacks.eot_pgd(model, x, y, 0.1, alpha=0.02, steps=3, samples=4),
+                lambda: attacks.pgd_frozen_mask(model, x, y, 0.1, alpha=0.02, steps=3),
                 lambda: attacks.input_grad(model, x, y, masks="random")):
         run()
         assert all(torch.equal(a, b) for a, b in zip(model.mask.buffers(), buffers))
@@ -232,7 +232,7 @@ def test_attacks_do_not_modify_their_input():
     model = _mlp().eval()
     x, y = _data()
     x0 = x.clone()
-    attacks.pgd(model, x, y, 0.1, 0.02, 3)
+    attacks.pgd(model, x, y, 0.1, alpha=0.02, steps=3)
     attacks.fgsm(model, x, y, 0.1)
     assert torch.equal(x, x0)
 
@@ -250,7 +250,7 @@ def test_make_attack_names_and_alpha():
     x, y = _data()
     model = _mlp().eval()
     atk = attacks.make_attack("pgd", 0.08, steps=10, seed=4)
-    assert torch.equal(atk(model, x, y), attacks.pgd(model, x, y, 0.08, 0.02, 10, seed=4))
+    assert torch.equal(atk(model, x, y), attacks.pgd(model, x, y, 0.08, alpha=0.02, steps=10, seed=4))
     assert torch.equal(attacks.make_attack("fgsm", 0.1)(model, x, y), attacks.fgsm(model, x, y, 0.1))
     assert torch.equal(attacks.make_attack("pgd", 0.0)(model, x, y), x)
     with pytest.raises(ValueError, match="attack name"):
@@ -261,13 +261,13 @@ def test_bad_arguments_are_named():
     model = _mlp().eval()
     x, y = _data()
     with pytest.raises(ValueError, match="norm"):
-        attacks.pgd(model, x, y, 0.1, 0.01, 2, norm="1")
+        attacks.pgd(model, x, y, 0.1, alpha=0.01, steps=2, norm="1")
     with pytest.raises(ValueError, match="steps"):
-        attacks.pgd(model, x, y, 0.1, 0.01, 0)
+        attacks.pgd(model, x, y, 0.1, alpha=0.01, steps=0)
     with pytest.raises(ValueError, match="restarts"):
-        attacks.pgd(model, x, y, 0.1, 0.01, 2, random_start=False, restarts=3)
+        attacks.pgd(model, x, y, 0.1, alpha=0.01, steps=2, random_start=False, restarts=3)
     with pytest.raises(ValueError, match="samples"):
-        attacks.eot_pgd(model, x, y, 0.1, 0.01, 2, samples=0)
+        attacks.eot_pgd(model, x, y, 0.1, alpha=0.01, steps=2, samples=0)
     with pytest.raises(ValueError, match="batch_size"):
         attacks.fgsm(model, x, y, 0.1, batch_size=0)
     with pytest.raises(TypeError, match="y must be"):
@@ -282,7 +282,7 @@ def test_bad_arguments_are_named():
 def test_cpu_inputs_on_a_cuda_model():
     model = _mlp().eval().cuda()
     x, y = _data()
-    adv = attacks.pgd(model, x, y, 0.1, 0.02, 3, random_start=False, batch_size=10)
+    adv = attacks.pgd(model, x, y, 0.1, alpha=0.02, steps=3, random_start=False, batch_size=10)
     assert adv.device == x.device
-    ref = attacks.pgd(model.cpu(), x, y, 0.1, 0.02, 3, random_start=False)
+    ref = attacks.pgd(model.cpu(), x, y, 0.1, alpha=0.02, steps=3, random_start=False)
     torch.testing.assert_close(adv, ref, rtol=0, atol=1e-5)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastmask import attacks, evaluate as E
+from fastmask import attacks, evaluate as E, honest, report
 from fastmask.nn import FeatureMask
 
 
@@ -160,16 +160,16 @@ def test_robustness_argument_errors(toy):
 
 def test_custom_attack_entries(toy):
     model, _, x, y = toy
-    custom = ("pgd5", lambda m, xb, yb, e: attacks.pgd(m, xb, yb, e, e / 2, 5, random_start=False))
+    custom = ("pgd5", lambda m, xb, yb, e: attacks.pgd(m, xb, yb, e, alpha=e / 2, steps=5, random_start=False))
     r = E.robustness(model, x, y, eps_list=[0.1], attacks=("pgd", custom), pgd_steps=5, pgd_alpha=0.05)
-    ref = attacks.pgd(model, x, y, 0.1, 0.05, 5, random_start=False)
+    ref = attacks.pgd(model, x, y, 0.1, alpha=0.05, steps=5, random_start=False)
     assert r["correct"]["pgd5"][0].tolist() == (E.predict(model, ref) == y).tolist()
 
 
 def test_honest_report_rows_flags_and_baseline(toy):
     model, surrogate, x, y = toy
     masked = nn.Sequential(FeatureMask(ratio=0.3, seed=1), model).eval()
-    rep = E.honest_report({"base": model, "masked": masked}, x[:48], y[:48], eps_list=[0.0, 0.1, 1.0],
+    rep = honest.honest_report({"base": model, "masked": masked}, x[:48], y[:48], eps_list=[0.0, 0.1, 1.0],
                           surrogate=surrogate, baseline="base", pgd_steps=4, restarts=2, eot_samples=2)
     assert list(rep["rows"]) == ["base", "masked", "masked [test mask]"]
     assert set(rep["rows"]["base"]["robustness"]["accuracy"]) == {"fgsm", "pgd", "pgd_restarts", "transfer"}
@@ -179,7 +179,7 @@ def test_honest_report_rows_flags_and_baseline(toy):
     vs = rep["rows"]["masked"]["vs_baseline"]
     assert len(vs) == 3 and all(c["verdict"] in ("more robust", "less robust", "no significant difference")
                                 for c in vs)
-    text = E.format_report(rep)
+    text = report.format_report(rep)
     assert "### masked [test mask]" in text and "| eot |" in text and "robust (worst case)" in text
     with pytest.raises(ValueError, match="baseline"):
-        E.honest_report(model, x[:8], y[:8], eps_list=[0.1], baseline="nope", pgd_steps=1, restarts=1)
+        honest.honest_report(model, x[:8], y[:8], eps_list=[0.1], baseline="nope", pgd_steps=1, restarts=1)

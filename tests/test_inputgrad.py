@@ -135,7 +135,7 @@ def test_micro_batches_split_evenly_and_keep_the_values(monkeypatch):
 def test_attacks_through_the_fast_path_equal_the_eager_loop():
     model = _frozen(models.build("cnn", seed=0))
     x, y = _data(6)
-    x_adv = attacks.pgd(model, x, y, 0.3, 0.05, 5, random_start=False)
+    x_adv = attacks.pgd(model, x, y, 0.3, alpha=0.05, steps=5, random_start=False)
     ref = x.clone()
     for _ in range(5):
         g = _autograd(model, ref, y)

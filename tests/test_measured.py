@@ -34,7 +34,7 @@ def test_committed_adversarially_trained_cnns(name, clean_min, pgd_min, mnist_te
     assert clean >= clean_min
     # one PGD-20 run (step 0.025, random start) on 300 images: an upper bound on the
     # documented PGD-50 x 10 figure, far above a standard CNN's 0 %
-    xa = attacks.pgd(model, x[:300], y[:300], 0.3, 0.025, 20, seed=0)
+    xa = attacks.pgd(model, x[:300], y[:300], 0.3, alpha=0.025, steps=20, seed=0)
     with torch.no_grad():
         robust = (model(xa).argmax(1) == y[:300]).double().mean().item()
     assert robust >= pgd_min

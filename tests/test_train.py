@@ -4,7 +4,8 @@ import torch
 
 from fastmask import data as D
 from fastmask import models as M
-from fastmask.train import TrainConfig, classification_metrics, confusion_matrix, fgsm_example, train, validate
+from fastmask.evaluate import classification_metrics, confusion_matrix
+from fastmask.train import TrainConfig, fgsm_example, train, validate
 
 MASK = {"ratio": 0.3, "mode": "pixel", "scope": "sample", "channels": "shared", "fill": 0.0, "seed": 1,
         "eval_mask": "off"}
@@ -171,7 +172,7 @@ def test_baseline_converges_on_real_mnist():
     """The default reproduce config: the baseline MLP reaches >= 97 % test accuracy
     and FGSM at eps = 0.3 brings it below 50 %."""
     from fastmask.attacks import fgsm
-    from fastmask.pipeline import PRESETS
+    from fastmask.pipeline import TRAIN_PRESETS as PRESETS
     try:
         d = D.load("mnist")
     except D.DataError as e:
