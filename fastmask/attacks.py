@@ -334,6 +334,9 @@ class Attack:
     norm: the threat model, "inf" or "2" (the checks compare attacks of one norm only).
     random_masks: the attack needs fresh mask draws (EOT): the caller's masks="model" becomes "random".
     needs: context keywords the caller must give (transfer: surrogate).
+    honest: when the honest evaluation (honest.honest_report, `fastmask evaluate`) runs it:
+        "always", "test_mask" (rows masked at test time only: a randomized defence) or None (never);
+        in registry order (an entry's place changes the random mask draws of the rows after it).
     The context (seed, masks, batch_size, lo, hi, surrogate) is passed to fn when its signature takes it.
     """
     name: str
@@ -344,6 +347,7 @@ class Attack:
     norm: str = "inf"
     random_masks: bool = False
     needs: tuple = ()
+    honest: str = "always"
     help: str = ""
 
     def function(self):
@@ -388,8 +392,9 @@ def register(entry):
         raise TypeError(f"register takes an Attack, got {type(entry).__name__}")
     if entry.name in REGISTRY:
         raise ValueError(f"attack {entry.name!r} is already registered")
-    if entry.kind not in ("single_step", "iterative", "black_box", "transfer"):
-        raise ValueError(f"kind={entry.kind!r} is not one of 'single_step', 'iterative', 'black_box', 'transfer'")
+    C.field(C.choice, "kind", entry.kind, ("single_step", "iterative", "black_box", "transfer"))
+    C.field(C.choice, "norm", entry.norm, C.NORMS)
+    C.field(C.choice, "honest", entry.honest, ("always", "test_mask", None))
     REGISTRY[entry.name] = entry
     return entry
 
@@ -403,10 +408,11 @@ def get(name):
 
 register(Attack("fgsm", fgsm, kind="single_step", help="fast gradient sign method, one step of eps"))
 register(Attack("pgd", pgd, PGD_SETTINGS, help="PGD, L-inf"))
-register(Attack("eot", eot_pgd, dict(PGD_SETTINGS, samples=SAMPLES), random_masks=True,
+register(Attack("eot", eot_pgd, dict(PGD_SETTINGS, samples=SAMPLES), random_masks=True, honest="test_mask",
                 help="PGD with Expectation over Transformation (fresh mask draws, averaged gradients)"))
-register(Attack("frozen", pgd_frozen_mask, PGD_SETTINGS, help="PGD against one frozen mask draw"))
-register(Attack("pgd_l2", pgd, PGD_SETTINGS, fixed={"norm": "2"}, norm="2", help="PGD, L2 (eps is the L2 radius)"))
+register(Attack("frozen", pgd_frozen_mask, PGD_SETTINGS, honest="test_mask", help="PGD against one frozen mask draw"))
+register(Attack("pgd_l2", pgd, PGD_SETTINGS, fixed={"norm": "2"}, norm="2", honest=None,
+                help="PGD, L2 (eps is the L2 radius)"))
 register(Attack("transfer", transfer_pgd, PGD_SETTINGS, kind="transfer", needs=("surrogate",),
                 help="PGD crafted on a separately trained surrogate (black-box transfer)"))
 ATTACKS = tuple(n for n, e in REGISTRY.items() if e.kind != "transfer")  # what make_attack builds alone

@@ -288,14 +288,14 @@ def evaluate_command(args, log=print):
     """`fastmask evaluate`: the honest evaluation of checkpoints; files under args.out."""
     from . import attacks as A, data as D, models as M
     from .honest import FILES, HonestSettings, evaluate_models, load_models
-    specs = parse_checkpoints(args.checkpoint, args.from_dir)
-    baseline = args.baseline if args.baseline else ("baseline" if "baseline" in specs else None)
-    if baseline is not None and baseline not in specs:
-        raise ValueError(f"--baseline {baseline!r} is not one of the models {list(specs)}")
     settings = HonestSettings.preset(args.preset, n=args.n, eps_list=args.eps, pgd_steps=args.pgd_steps,
                                      pgd_alpha=args.pgd_alpha, restarts=args.restarts,
                                      eot_samples=args.eot_samples, seed=args.seed,
                                      attack_opts=A.parse_options(getattr(args, "attack_opt", None)) or None)
+    specs = parse_checkpoints(args.checkpoint, args.from_dir)
+    baseline = args.baseline if args.baseline else ("baseline" if "baseline" in specs else None)
+    if baseline is not None and baseline not in specs:
+        raise ValueError(f"--baseline {baseline!r} is not one of the models {list(specs)}")
     settings.mtest = not args.no_mtest
     models = load_models(specs)
     surrogate = M.load(args.surrogate) if args.surrogate else None

@@ -151,10 +151,11 @@ def honest_report(models, x, y, *, eps_list=E.HONEST_EPS, surrogate=None, baseli
                   options=None):
     """Per model: clean metrics, accuracy vs eps under every relevant attack, flags, tests vs baseline.
 
-    models: {name: model} (or one model). Attacks: FGSM, PGD, PGD with `restarts`
-    random restarts, transfer (PGD on `surrogate`, crafted once per eps) and, for
-    rows masked at test time, EOT-PGD (`eot_samples` draws per step) and
-    frozen-mask PGD (surrogate: a model, or precomputed examples {eps: x_adv}). test_mask:
+    models: {name: model} (or one model). Attacks: every registry entry with honest="always"
+    (FGSM, PGD, transfer: PGD on `surrogate`, crafted once per eps), PGD with `restarts`
+    random restarts and, for rows masked at test time, those with honest="test_mask"
+    (EOT-PGD, `eot_samples` draws per step; frozen-mask PGD). surrogate: a model, or
+    precomputed examples {eps: x_adv}, or None (no transfer). test_mask:
     False, True or "auto" (both rows for models with FeatureMask modules: "<name>"
     unmasked and "<name> [test mask]" randomized).
     baseline: a row name; every other row gets McNemar tests of its robust
@@ -185,13 +186,13 @@ def honest_report(models, x, y, *, eps_list=E.HONEST_EPS, surrogate=None, baseli
         settings = {"auto": [False, True] if A.feature_masks(model) else [False], False: [False], True: [True]}[test_mask]
         for tm in settings:
             masks = "random" if tm else "model"
-            atk = ["fgsm", "pgd"]
-            if restarts > 1:
-                atk.append(("pgd_restarts", lambda m, xb, yb, e, _m=masks: pgd_restarts(m, xb, yb, e, _m)))
-            if tm:
-                atk += ["eot", "frozen"]
-            if transfer_x is not None:
-                atk.append("transfer")
+            atk = []
+            for name_, entry in A.REGISTRY.items():  # the registry's order; "pgd" is followed by pgd_restarts
+                if entry.honest == "always" or (entry.honest == "test_mask" and tm):
+                    if name_ != "transfer" or transfer_x is not None:
+                        atk.append(name_)
+                if name_ == "pgd" and restarts > 1:
+                    atk.append(("pgd_restarts", lambda m, xb, yb, e, _m=masks: pgd_restarts(m, xb, yb, e, _m)))
             names = [a if isinstance(a, str) else a[0] for a in atk]
             rob = E.robustness(model, x, y, eps_list=eps_list, attacks=atk, pgd_steps=pgd_steps,
                                pgd_alpha=pgd_alpha, restarts=1, test_mask=tm, batch_size=batch_size, seed=seed,

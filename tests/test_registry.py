@@ -1,0 +1,125 @@
+"""The attack registry: one entry per attack reaches make_attack, evaluate.robustness, the honest
+evaluation and the command line's --attack-opt; and the one set of argument checks (fastmask._checks)."""
+import pytest
+import torch
+from torch import nn
+
+from fastmask import _checks as C
+from fastmask import attacks, cli, evaluate as E, honest, stats
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+
+
+def _data(n=30):
+    g = torch.Generator().manual_seed(3)
+    return torch.rand(n, 1, 4, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def shift(model, x, y, eps, *, sign=1.0, lo=0.0, hi=1.0, batch_size=None):
+    """A toy attack: every pixel moved by sign * eps (no gradient)."""
+    return (x + sign * eps).clamp(lo, hi)
+
+
+@pytest.fixture
+def toy_entry():
+    """A new attack: one function and one register() call, nothing else."""
+    entry = attacks.register(attacks.Attack(
+        "shift", shift, {"sign": attacks.Setting(1.0, C.finite, float, "direction")}, kind="black_box"))
+    yield entry
+    del attacks.REGISTRY["shift"]
+
+
+def test_a_new_entry_reaches_every_consumer(toy_entry):
+    model, (x, y) = _mlp(), _data()
+    down = attacks.make_attack("shift", 0.2, sign=-1.0)(model, x, y)
+    assert torch.equal(down, (x - 0.2).clamp(0, 1))
+    r = E.robustness(model, x, y, eps_list=[0.0, 0.2], attacks=("fgsm", "shift"), options={"shift": {"sign": -1.0}})
+    assert r["correct"]["shift"][1].tolist() == (E.predict(model, down) == y).tolist()
+    assert r["config"]["options"] == {"shift": {"sign": -1.0}}
+    assert attacks.parse_options(["shift.sign=-1"]) == {"shift": {"sign": -1.0}}
+    # the honest evaluation runs it (honest="always" by default), with its options, after the built-in ones
+    rep = honest.honest_report({"m": model}, x, y, eps_list=[0.0, 0.2], pgd_steps=2, restarts=2,
+                               options={"shift": {"sign": -1.0}})
+    acc = rep["rows"]["m"]["robustness"]["accuracy"]
+    assert list(acc) == ["fgsm", "pgd", "pgd_restarts", "shift"]
+    assert acc["shift"] == r["accuracy"]["shift"]
+
+
+def test_settings_are_checked_and_named(toy_entry):
+    with pytest.raises(ValueError, match="attack 'pgd' has no setting 'step'"):
+        attacks.make_attack("pgd", 0.1, step=3)
+    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
+        attacks.make_attack("pgd", 0.1, steps=0)
+    with pytest.raises(ValueError, match="shift.sign must be finite, got nan"):
+        attacks.get("shift").options({"sign": float("nan")})
+    for spec, want in (("pgd.steps", "expected NAME.KEY=VALUE"), ("cw.steps=3", "unknown attack 'cw'"),
+                       ("pgd.nope=3", "has no setting 'nope'"), ("pgd.steps=x", "'x' is not a valid steps"),
+                       ("pgd.steps=0", "pgd.steps must be >= 1, got 0"),
+                       ("pgd.random_start=maybe", "not a valid random_start")):
+        with pytest.raises(ValueError, match=want):
+            attacks.parse_options([spec])
+    with pytest.raises(ValueError, match="already registered"):
+        attacks.register(attacks.Attack("shift", shift))
+    with pytest.raises(ValueError, match="kind='white'"):
+        attacks.register(attacks.Attack("other", shift, kind="white"))
+
+
+def test_one_step_rule_and_keyword_only_signatures():
+    model, (x, y) = _mlp(), _data()
+    for fn in (attacks.fgsm, attacks.pgd, attacks.eot_pgd, attacks.pgd_frozen_mask):
+        with pytest.raises(TypeError):
+            fn(model, x, y, 0.1, 0.02)  # everything after eps is keyword-only
+    assert attacks.default_alpha(0.1, 4) == 2.5 * 0.1 / 4
+    rule = attacks.pgd(model, x, y, 0.1, steps=4, seed=1)
+    assert torch.equal(rule, attacks.pgd(model, x, y, 0.1, steps=4, alpha=2.5 * 0.1 / 4, seed=1))
+    assert torch.equal(rule, attacks.make_attack("pgd", 0.1, steps=4, seed=1)(model, x, y))
+    r = E.robustness(model, x, y, eps_list=[0.1], attacks=("pgd",), pgd_steps=4, seed=1)  # pgd_alpha=None: the rule
+    assert r["correct"]["pgd"][0].tolist() == (E.predict(model, rule) == y).tolist()
+
+
+def test_options_for_an_attack_not_run_are_refused():
+    model, (x, y) = _mlp(), _data()
+    with pytest.raises(ValueError, match="options for 'eot'"):
+        E.robustness(model, x, y, eps_list=[0.1], attacks=("fgsm",), options={"eot": {"samples": 2}})
+    with pytest.raises(ValueError, match="has no setting 'samples'"):
+        honest.HonestSettings(attack_opts={"pgd": {"samples": 2}})
+
+
+def test_versus_baseline_is_compare_per_row():
+    a = torch.tensor([[True, True, False, True], [False, True, False, False]])
+    b = torch.tensor([[True, False, False, False], [False, False, False, True]])
+    rows = {"base": {"c": b}, "x": {"c": a}}
+    vs = stats.versus_baseline(rows, "base", lambda r: r["c"])
+    assert list(vs) == ["x"] and vs["x"] == [stats.compare(a[0], b[0]), stats.compare(a[1], b[1])]
+    one = stats.versus_baseline(rows, "base", lambda r: {"first": r["c"][0]}, keys=("delta",))
+    assert one == {"x": {"first": {"delta": stats.compare(a[0], b[0])["delta"]}}}
+
+
+def test_one_norm_rule_for_ops_and_attacks():
+    model, (x, y) = _mlp(), _data(4)
+    for bad in ("l2", "linf", "1"):
+        with pytest.raises(ValueError, match=f"norm must be one of 'inf', '2', got '{bad}'"):
+            attacks.pgd(model, x, y, 0.1, steps=1, norm=bad)
+    assert C.norm("norm", 2) == "2" and C.norm("norm", float("inf")) == "inf"
+
+
+def test_one_check_three_spellings(capsys):
+    with pytest.raises(ValueError, match=r"^steps must be >= 1, got 0$"):
+        C.positive_int("steps", 0)
+    with pytest.raises(ValueError, match=r"^n=0 must be >= 1$"):
+        honest.HonestSettings(n=0)
+    assert cli.main(["attack", "--checkpoint", "x.pt", "--pgd-steps", "0"]) == 2
+    assert "argument --pgd-steps: '0' must be >= 1" in capsys.readouterr().err
+
+
+def test_old_preset_names_keep_working_with_a_note(tmp_path, capsys):
+    assert honest.HonestSettings.preset("smoke") == honest.HonestSettings.preset("check")
+    assert cli.main(["evaluate", "--preset", "smoke", "--out", str(tmp_path / "o")]) == 2  # no models
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("fastmask evaluate: note: --preset smoke is now --preset check") and len(err) == 2
+    assert cli.main(["evaluate", "--preset", "check", "--attack-opt", "pgd.steps=0", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--attack-opt pgd.steps must be >= 1, got 0" in err
