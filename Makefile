@@ -4,7 +4,8 @@
 VENV ?= .venv
 ARGS ?=
 STAMP := $(VENV)/.fastmask-built
-SOURCES := $(wildcard CMakeLists.txt pyproject.toml csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh csrc/include/fastmask/*.h)
+# every file under csrc/ (headers and .inc fragments included: editing any of them rebuilds)
+SOURCES := $(wildcard CMakeLists.txt pyproject.toml) $(shell find csrc -type f)
 
 .PHONY: reproduce test test-fast bench clean
 

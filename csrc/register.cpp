@@ -1,5 +1,6 @@
-// Op schemas (exactly docs/ops.md), CPU registrations, the tensor-less ops and the
-// Python module `fastmask._C` (importing it registers the ops as torch.ops.fastmask.*).
+// Op schemas (exactly docs/ops.md), the device-independent kernels (the tensor-less ops,
+// the out= fall-backs) and the Python module `fastmask._C` (importing it registers the
+// ops as torch.ops.fastmask.*). Each backend file registers its own kernels at its foot.
 //
 // philox and mask_generate take no tensor, so the dispatcher has no device to go by.
 // They are CompositeExplicitAutograd kernels that validate, allocate on `device`
@@ -142,18 +143,10 @@ TORCH_LIBRARY_IMPL(fastmask, CompositeExplicitAutograd, m) {
   m.impl("random_start_out", &fastmask::random_start_out_any);
 }
 
-TORCH_LIBRARY_IMPL(fastmask, CPU, m) {
-  m.impl("mask_apply", &fastmask::cpu::mask_apply);
-  m.impl("mask_apply_backward", &fastmask::cpu::mask_apply_backward);
-  m.impl("fgsm", &fastmask::cpu::fgsm);
-  m.impl("pgd_step", &fastmask::cpu::pgd_step);
-  m.impl("pgd_step_", &fastmask::cpu::pgd_step_);
-  m.impl("random_start", &fastmask::cpu::random_start);
-  m.impl("grad_clip_noise_", &fastmask::cpu::grad_clip_noise_);
-  m.impl("mask_apply_out", &fastmask::cpu::mask_apply_out);
-  m.impl("fgsm_out", &fastmask::cpu::fgsm_out);
-  m.impl("random_start_out", &fastmask::cpu::random_start_out);
-}
+// The device kernels register themselves at the foot of the file that defines them
+// (torchvision's convention): csrc/cpu/{mask,attack,grad}_cpu.cpp for CPU,
+// csrc/cuda/{mask,attack,grad}_cuda.cu for CUDA. Here: the schemas above and the
+// device-independent kernels.
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastmask C++ ops (registered as torch.ops.fastmask.*)";

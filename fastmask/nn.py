@@ -67,7 +67,7 @@ class FeatureMask(torch.nn.Module):
             return ops.mask_apply(x, self.ratio, seed=self.seed, offset=FIXED_OFFSET,
                                   mode=self.mode, scope="fixed", channels=self.channels,
                                   fill=self.fill)
-        step = self._buffers["step"]  # not self.step: Module.__getattr__ costs ~2 us a lookup
+        step = self._buffers["step"]  # not self.step: Module.__getattr__ is slow (benchmarks/RESULTS.md)
         if self.scope == "fixed":
             offset = FIXED_OFFSET
         elif torch.compiler.is_compiling():
@@ -75,13 +75,14 @@ class FeatureMask(torch.nn.Module):
             offset = step.clone() if not self.stream else step + (self.stream << 40)
         else:
             # eager: the counter lives on the CPU, so reading it costs no device sync, and
-            # the int path skips the offset-tensor custom op (~0.1 ms a call)
+            # the int path skips the offset-tensor custom op and its Python dispatch
             offset = int(step) + (self.stream << 40)
-        step.add_(1)  # an int64 buffer: never part of autograd, so no no_grad() (~5 us)
+        step.add_(1)  # an int64 buffer: never part of autograd, so no no_grad() context to enter
         if (ops._use_ext and isinstance(offset, int) and isinstance(x, Tensor) and x.dim() == 4
                 and x.dtype in ops.FLOAT_DTYPES):
             # the hot path of a training step: the arguments were checked in __init__, and
-            # the C++ op checks them again, so skip the Python checks (~20 us a call)
+            # the C++ op checks them again, so skip the Python checks (a sizeable part of a
+            # call on small inputs: benchmarks/RESULTS.md)
             return ops._mask_apply_int(x, self.ratio, C.u64("seed", self.seed),
                                        C.u64("offset", offset), self.mode, self.scope,
                                        self.channels, self.fill)

@@ -219,3 +219,16 @@ void random_start_out(const at::Tensor& x_in, double eps, int64_t seed, int64_t 
 
 }  // namespace cpu
 }  // namespace fastmask
+
+// Registration at the foot of the file that defines the kernels (torchvision's convention;
+// the schemas are in csrc/register.cpp).
+#include <torch/library.h>
+
+TORCH_LIBRARY_IMPL(fastmask, CPU, m) {
+  m.impl("fgsm", &fastmask::cpu::fgsm);
+  m.impl("pgd_step", &fastmask::cpu::pgd_step);
+  m.impl("pgd_step_", &fastmask::cpu::pgd_step_);
+  m.impl("random_start", &fastmask::cpu::random_start);
+  m.impl("fgsm_out", &fastmask::cpu::fgsm_out);
+  m.impl("random_start_out", &fastmask::cpu::random_start_out);
+}

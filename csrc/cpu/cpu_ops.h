@@ -1,4 +1,4 @@
-// CPU implementations of the fastmask ops (registered in csrc/register.cpp) and the
+// CPU implementations of the fastmask ops (each registered at the foot of its .cpp) and the
 // small CPU helpers they share.
 #pragma once
 

@@ -139,3 +139,11 @@ at::Tensor grad_clip_noise_(at::TensorList grads, std::optional<double> max_norm
 
 }  // namespace cpu
 }  // namespace fastmask
+
+// Registration at the foot of the file that defines the kernels (torchvision's convention;
+// the schemas are in csrc/register.cpp).
+#include <torch/library.h>
+
+TORCH_LIBRARY_IMPL(fastmask, CPU, m) {
+  m.impl("grad_clip_noise_", &fastmask::cpu::grad_clip_noise_);
+}

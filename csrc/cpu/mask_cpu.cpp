@@ -268,3 +268,13 @@ at::Tensor mask_apply_backward(const at::Tensor& grad_in, double ratio, int64_t 
 
 }  // namespace cpu
 }  // namespace fastmask
+
+// Registration at the foot of the file that defines the kernels (torchvision's convention;
+// the schemas are in csrc/register.cpp).
+#include <torch/library.h>
+
+TORCH_LIBRARY_IMPL(fastmask, CPU, m) {
+  m.impl("mask_apply", &fastmask::cpu::mask_apply);
+  m.impl("mask_apply_backward", &fastmask::cpu::mask_apply_backward);
+  m.impl("mask_apply_out", &fastmask::cpu::mask_apply_out);
+}
