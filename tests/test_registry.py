@@ -123,3 +123,14 @@ def test_old_preset_names_keep_working_with_a_note(tmp_path, capsys):
     assert cli.main(["evaluate", "--preset", "check", "--attack-opt", "pgd.steps=0", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--attack-opt pgd.steps must be >= 1, got 0" in err
+
+
+def test_an_entry_may_name_its_function_lazily():
+    """fn as "module:function" is imported on first use (a module that imports attacks.py can hold it)."""
+    entry = attacks.register(attacks.Attack("fgsm_lazy", "fastmask.attacks:fgsm", kind="single_step", honest=None))
+    try:
+        model, (x, y) = _mlp(), _data()
+        assert entry.function() is attacks.fgsm
+        assert torch.equal(attacks.make_attack("fgsm_lazy", 0.1)(model, x, y), attacks.fgsm(model, x, y, 0.1))
+    finally:
+        del attacks.REGISTRY["fgsm_lazy"]
