@@ -2,10 +2,9 @@
 
 Each check takes the argument's name and value, returns the value as the caller
 uses it, or raises BadValue (a ValueError) / BadType (a TypeError) whose message
-is one line naming the argument and the value: "steps must be an integer >= 1,
-got 0". The configs (dataclasses) spell it "steps=0 must be an integer >= 1"
-(field()), the command line "'0' must be an integer >= 1" after argparse's
-"argument --steps:" (cli.py); the rule is the same.
+is one line naming the argument and the value: "steps must be >= 1, got 0". The
+configs (dataclasses) spell it "steps=0 must be >= 1" (field()), the command line
+"argument --pgd-steps: '0' must be >= 1" (cli.py); the rule is the same.
 """
 import math
 import numbers
