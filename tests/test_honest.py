@@ -172,26 +172,28 @@ def test_evaluate_cli_on_checkpoints(honest_run, tmp_path):
 def test_evaluate_cli_attack_options_reach_the_attacks(honest_run, tmp_path):
     out, _, _ = honest_run
     ck = out / "seed_0" / "checkpoints"
+    # --restarts 1: pgd options reach pgd_restarts too, and restarts need a random start
     common = ("evaluate", "--checkpoint", f"masked={ck / 'random30.pt'}", "--preset", "check", "--n", 20,
-              "--eps", "0,0.3", "--no-mtest", "--quiet")
+              "--eps", "0,0.3", "--restarts", 1, "--no-mtest", "--quiet")
     assert run_cli(*common, "--out", tmp_path / "a") == 0
-    assert run_cli(*common, "--attack-opt", "pgd.steps=1", "--attack-opt", "eot.samples=1",
-                   "--out", tmp_path / "b") == 0
+    # PGD steps of 1e-4 from x itself: it barely moves, where the preset's PGD-5 breaks most images
+    opts = {"pgd": {"alpha": 1e-4, "random_start": False}, "eot": {"samples": 1}}
+    assert run_cli(*common, "--attack-opt", "pgd.alpha=1e-4", "--attack-opt", "pgd.random_start=false",
+                   "--attack-opt", "eot.samples=1", "--out", tmp_path / "b") == 0
     a, b = (json.loads((tmp_path / d / "honest.json").read_text()) for d in "ab")
-    assert "attack_opts" not in a["settings"]
-    assert b["settings"]["attack_opts"] == {"pgd": {"steps": 1}, "eot": {"samples": 1}}
-    row = b["rows"]["masked [test mask]"]["robustness"]
-    assert row["config"]["options"] == {"pgd": {"steps": 1}, "eot": {"samples": 1}}
+    assert "attack_opts" not in a["settings"] and b["settings"]["attack_opts"] == opts
+    assert b["rows"]["masked [test mask]"]["robustness"]["config"]["options"] == opts
     plain = b["rows"]["masked"]["robustness"]
-    assert plain["config"]["options"] == {"pgd": {"steps": 1}}  # no EOT on a row without test-time masks
-    # the plain row's PGD is PGD-1 (deterministic: no mask at test time), not the preset's PGD-5
+    assert plain["config"]["options"] == {"pgd": opts["pgd"]}  # no EOT on a row without test-time masks
+    # the plain row (no mask at test time: deterministic) ran exactly the PGD the options describe
     data = D.load("mnist")
     x, y = D.to_float(data.x_test[:20]), data.y_test[:20]
     model = M.load(ck / "random30.pt")
-    kw = dict(eps_list=[0.0, 0.3], attacks=("pgd",), seed=0, batch_size=500)
-    assert plain["accuracy"]["pgd"] == E.robustness(model, x, y, pgd_steps=1, **kw)["accuracy"]["pgd"]
-    assert a["rows"]["masked"]["robustness"]["accuracy"]["pgd"] == \
-        E.robustness(model, x, y, pgd_steps=5, **kw)["accuracy"]["pgd"]
+    kw = dict(eps_list=[0.0, 0.3], attacks=("pgd",), seed=0, batch_size=500, pgd_steps=5)
+    want = E.robustness(model, x, y, options={"pgd": opts["pgd"]}, **kw)["accuracy"]["pgd"]
+    assert plain["accuracy"]["pgd"] == want
+    assert a["rows"]["masked"]["robustness"]["accuracy"]["pgd"] == E.robustness(model, x, y, **kw)["accuracy"]["pgd"]
+    assert want != a["rows"]["masked"]["robustness"]["accuracy"]["pgd"]
 
 
 # ---------------------------------------------------------------- fast adversarial training
