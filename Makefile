@@ -4,7 +4,7 @@
 VENV ?= .venv
 ARGS ?=
 STAMP := $(VENV)/.fastmask-built
-SOURCES := $(wildcard CMakeLists.txt pyproject.toml csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh csrc/include/fastmask/*.h)
+SOURCES := $(wildcard CMakeLists.txt pyproject.toml csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.inc csrc/*/*.cu csrc/*/*.cuh csrc/include/fastmask/*.h)
 
 .PHONY: reproduce test test-fast bench clean
 
