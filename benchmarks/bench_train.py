@@ -5,12 +5,14 @@ images) of the paper's MLP and CNN with no mask, and with 10/30/50 % of the
 pixels masked, random (a fresh mask per image per step) or fixed (one mask for
 all), either fused (fastmask.nn.FeatureMask in front of the model) or eager
 (`x * (torch.rand_like(x) >= r)`, and `x * M` with a precomputed M for fixed).
-Every variant is timed interleaved with the unmasked baseline, so the end-to-end
-increase is t(variant) / t(no mask) - 1 on the same machine state. Since the masked
-step differs from the plain one only by the mask's forward, the increase is also
-measured directly as t(mask forward) / t(plain step), timed interleaved: that ratio
-resolves 1 %, the difference of two noisy step times does not; the <= 2 % target is
-checked on it.
+Every variant is timed interleaved with the unmasked baseline (harness.compare), which
+gives the table's medians. The <= 2 % target is checked on what a user feels, the
+end-to-end increase of the MLP's step with a fused mask, measured as paired blocks
+(harness.paired: blocks of steps, plain then masked and masked then plain in turn, the
+median of the per-pair differences and its 95 % interval, pairs added until that
+interval is narrower than 1 point). The direct ratio t(mask forward) / t(plain step),
+both timed interleaved, stays as a diagnostic: it shows the op's own share, and a gap
+between the two says the mask slows the rest of the step.
 """
 import torch
 import torch.nn.functional as F
@@ -77,6 +79,19 @@ def trainer(arch, mask, pool, device):
     return step
 
 
+def paired_increase(pool, device, name, args):
+    """End-to-end increase of the MLP step with the fused mask `name` ("fused random 10%")
+    over the plain step: fresh models, harness.paired on blocks of 10 steps."""
+    pat, pct = name.split()[1:]
+    masked = trainer("mlp", fused_mask(float(pct.rstrip("%")) / 100, pat == "fixed"), pool, device)
+    plain = trainer("mlp", nn.Identity(), pool, device)
+    if args.tiny:
+        return harness.paired(plain, masked, block=1, min_pairs=4, max_pairs=4, warmup=1)
+    if args.quick:
+        return harness.paired(plain, masked, block=5, min_pairs=20, max_pairs=60, budget_s=5.0)
+    return harness.paired(plain, masked, block=10, min_pairs=60, max_pairs=600, budget_s=40.0)
+
+
 def bench(args, report):
     dev = args.device
     batch = 16 if args.tiny else BATCH
@@ -115,9 +130,17 @@ def bench(args, report):
             if k in tm:
                 metrics[k]["mask time"] = tm[k]["median_s"]
                 metrics[k]["increase (mask time / step time)"] = tm[k]["median_s"] / step
-            if k.startswith("fused"):
-                checks.append(harness.check(f"{arch} {k} training time increase (mask time / step time)",
-                                            tm[k]["median_s"] / step, 0.02, False))
+        if arch == "mlp":
+            # the target: the end-to-end increase of the fused masks, paired blocks of steps
+            for k in (k for k in t if k.startswith("fused")):
+                e = paired_increase(pool, dev, k, args)
+                metrics[k].update({"increase end to end (paired median)": e["median"],
+                                   "95% interval": f"[{e['lo']:+.4f}, {e['hi']:+.4f}]",
+                                   "pairs": e["pairs"], "steps per block": e["block"]})
+                checks.append(harness.check(f"{arch} {k} training time increase end to end "
+                                            "(paired median)", e["median"], 0.02, False))
+                checks.append(harness.check(f"{arch} {k} end-to-end increase: width of its 95 % interval",
+                                            e["width"], 0.01, False))
         report.add("train", f"{arch} train step, batch {batch} ({source}), Adam", t,
                    baseline="no mask", metrics=metrics, checks=checks,
                    params={"model": arch, "batch": batch, "ratios": list(ratios), "optimizer": "Adam",

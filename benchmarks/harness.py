@@ -79,6 +79,54 @@ def compare(fns, *, device="cpu", repeats=7, warmup=2, target_s=0.02):
                    "repeats": repeats, "inner": inner[name]} for name, s in samples.items()}
 
 
+def median_ci(values, z=1.96):
+    """Median of `values` and its distribution-free 95 % interval: the order statistics
+    k and n - k + 1 with k = floor(n / 2 - z sqrt(n) / 2) (the binomial(n, 1/2) bounds),
+    so no assumption about the shape of the noise. Returns (median, lo, hi)."""
+    v = sorted(values)
+    n = len(v)
+    k = max(0, math.floor(n / 2 - z * math.sqrt(n) / 2))
+    return statistics.median(v), v[k], v[n - 1 - k]
+
+
+def paired(base, other, *, block, min_pairs=40, max_pairs=400, width=0.01, budget_s=60.0,
+           warmup=20):
+    """End-to-end A/B of two callables (training steps): pairs of blocks of `block` calls,
+    base then other and other then base in turn (so a drift of the machine hits both), each
+    pair giving d = t(other) / t(base) - 1 from the wall time of its two blocks. Pairs are
+    added until the 95 % interval of the median d is narrower than `width`, or max_pairs,
+    or budget_s. Returns {median, lo, hi, width, pairs, block, base_min_s, other_min_s}
+    (the per-call minima over the blocks, as a cross-check of the median)."""
+    for _ in range(warmup):
+        base()
+        other()
+    diffs, tb, to = [], [], []
+    t_end = time.perf_counter() + budget_s
+
+    def run(fn):
+        t0 = time.perf_counter()
+        for _ in range(block):
+            fn()
+        return (time.perf_counter() - t0) / block
+
+    while True:
+        if len(diffs) % 2 == 0:
+            a = run(base)
+            b = run(other)
+        else:
+            b = run(other)
+            a = run(base)
+        tb.append(a)
+        to.append(b)
+        diffs.append(b / a - 1)
+        n = len(diffs)
+        if n >= min_pairs and (n - min_pairs) % 10 == 0:
+            med, lo, hi = median_ci(diffs)
+            if hi - lo < width or n >= max_pairs or time.perf_counter() > t_end:
+                return {"median": med, "lo": lo, "hi": hi, "width": hi - lo, "pairs": n,
+                        "block": block, "base_min_s": min(tb), "other_min_s": min(to)}
+
+
 def timing_opts(args):
     """repeats / warmup / target_s for a tiny (tests), quick or full pass."""
     device = args.device
@@ -120,8 +168,41 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
+def lscpu():
+    """lscpu's fields as a dict ({} where lscpu is missing)."""
+    import subprocess
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in out.splitlines()) if v}
+
+
+def isa_info():
+    """Which SIMD paths this run takes: fastmask's CPU ISA (ops.build_info()["cpu_isa"], capped by
+    FASTMASK_CPU_ISA) and torch's own (torch.backends.cpu.get_cpu_capability(), capped by
+    ATEN_CPU_CAPABILITY), with the caps as set."""
+    try:
+        from fastmask import ops
+        fm = ops.build_info().get("cpu_isa")
+    except Exception as e:  # report, do not guess
+        fm = f"unavailable: {type(e).__name__}: {e}"
+    try:
+        aten = torch.backends.cpu.get_cpu_capability()
+    except Exception:
+        aten = None
+    caps = {k: os.environ[k] for k in ("FASTMASK_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS",
+                                        "ONEDNN_MAX_CPU_ISA") if k in os.environ}
+    return {"fastmask_cpu_isa": fm, "torch_cpu_capability": aten, "isa_caps": caps}
+
+
 def machine_info(device="cpu"):
-    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+    lc = lscpu()
+    flags = set(lc.get("Flags", "").split())
+    info = {"cpu": lc.get("Model name") or cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "cpu_family_model": f"{lc.get('CPU family', '?')}/{lc.get('Model', '?')}" if lc else None,
+            "cpu_simd": sorted(f for f in flags if f in ("avx2", "bmi2", "fma", "avx512f", "avx512bw", "avx512vl")),
+            **isa_info(),
             "platform": platform.platform(), "python": platform.python_version(),
             "gpu": None}
     if hasattr(os, "getloadavg"):
@@ -223,6 +304,9 @@ def to_markdown(d):
     out = [f"Command: `{d['command']}`  ", f"Date (UTC): {d['date']}  ",
            f"Machine: {m['cpu']}, {m['cores']} cores, torch threads {m['threads']}, GPU {m['gpu']}, "
            f"load average at the end {m.get('load_avg_1_5_15')}  ",
+           f"ISA path: fastmask {m.get('fastmask_cpu_isa')}, torch {m.get('torch_cpu_capability')}, "
+           f"CPU family/model {m.get('cpu_family_model')}, SIMD {' '.join(m.get('cpu_simd') or [])}"
+           f"{', caps ' + str(m['isa_caps']) if m.get('isa_caps') else ''}  ",
            "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()), ""]
     for note in d["notes"]:
         out.append(f"- note: {note}")
@@ -308,6 +392,9 @@ def run(argv=None, prog="python -m benchmarks", only_default=BENCHES):
     setup_threads(args.threads)
     report = Report(args, argv)
     m, v = machine_info(args.device), versions()
+    print(f"CPU: {m['cpu']} (family/model {m['cpu_family_model']}; {' '.join(m['cpu_simd'])})\n"
+          f"ISA path: fastmask {m['fastmask_cpu_isa']}, torch {m['torch_cpu_capability']}"
+          f"{'; caps ' + str(m['isa_caps']) if m['isa_caps'] else ''}", flush=True)
     print(f"machine: {m}\nversions: {v}", flush=True)
     if v["fastmask_extension"] is not True:
         report.note(f"fastmask extension not loaded ({v['fastmask_extension']}): "

@@ -498,6 +498,77 @@ print("ok")
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
 
+def _cpu_has(isa):
+    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+    return isa == "scalar" or {"avx2": "avx2", "avx512": "avx512f"}[isa] in flags
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_every_isa_fused_paths_bitwise_at_1_2_3_threads(isa):
+    """Under each FASTMASK_CPU_ISA cap (which must then be the path in use: build_info
+    says so, for the Philox kernels and the element loops alike) the fused float32 paths
+    equal the reference bit for bit: pixel masks (one and three shared channels, separate
+    channels, in place) and L-inf random_start over ragged lengths around the 32- and
+    64-word groups, NaN / +-Inf inputs, fgsm / pgd_step_ (element loops), and the
+    Gaussian noise of grad_clip_noise_ over ragged lengths; at 1, 2 and 3 threads, with
+    pieces large enough that every thread gets a part."""
+    import subprocess
+    import sys
+    if not _cpu_has(isa):
+        pytest.skip(f"this CPU has no {isa}")
+    code = f"""
+import torch, fastmask._C
+from fastmask import ops as fops, reference as ref
+ops = torch.ops.fastmask
+assert fops.build_info()["cpu_isa"] == {isa!r}, fops.build_info()
+def i64(v): return v - (1 << 64) if v >= 1 << 63 else v
+def same(a, b): return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+g = torch.Generator().manual_seed(1)
+def special(x):
+    f = x.view(-1)
+    f[::89], f[3::97], f[8::101] = float("nan"), float("inf"), -float("inf")
+    return x
+for t in (1, 2, 3):
+    torch.set_num_threads(t)
+    # ragged planes: every start modulo 64, lengths around the groups; big ones split over threads
+    for shape in ((3, 1, 1, 131), (2, 1, 5, 13), (7, 1, 9, 31), (40, 1, 33, 31), (9, 3, 37, 29), (1, 1, 1, 255)):
+        x = special(torch.rand(shape, generator=g))
+        for scope in ("sample", "fixed"):
+            for ch in ("shared", "separate"):
+                want = ref.mask_apply(x, 0.37, 5, 2**64 - 9, "pixel", scope, ch, -2.5)
+                y = ops.mask_apply(x, 0.37, 5, i64(2**64 - 9), "pixel", scope, ch, -2.5)
+                assert same(y, want), (t, shape, scope, ch)
+                z = x.clone()
+                ops.mask_apply_out(z, 0.37, 5, i64(2**64 - 9), "pixel", scope, ch, -2.5, z)
+                assert same(z, want), (t, shape, scope, ch, "in place")
+        for r in (0.0, 1.0):
+            assert same(ops.mask_apply(x, r, 5, 3, "pixel", "sample", "shared", 0.0),
+                        ref.mask_apply(x, r, 5, 3, "pixel", "sample", "shared", 0.0)), (t, shape, r)
+        xs = x.reshape(shape[0], -1)
+        for lo, hi in ((0.0, 1.0), (-3.0, 3.0)):
+            want = ref.random_start(xs, 0.25, 13, 2**63 + 3, "inf", lo, hi)
+            assert same(ops.random_start(xs, 0.25, 13, i64(2**63 + 3), "inf", lo, hi), want), (t, shape, lo)
+            z = xs.clone()
+            ops.random_start_out(z, 0.25, 13, i64(2**63 + 3), "inf", lo, hi, z)
+            assert same(z, want), (t, shape, lo, "in place")
+        gr = special(torch.randn(shape, generator=g))
+        xa = x.clone()
+        assert same(ops.fgsm(x, gr, 0.1, 0.0, 1.0), ref.fgsm(x, gr, 0.1, 0.0, 1.0)), (t, shape)
+        want = ref.pgd_step(xa, x.nan_to_num(), gr, 0.01, 0.03, 0.0, 1.0, "inf")
+        ops.pgd_step_(xa, x.nan_to_num(), gr, 0.01, 0.03, 0.0, 1.0, "inf")
+        assert same(xa, want), (t, shape)
+    for n in (1, 7, 31, 33, 1023, 1025, 40001):
+        gs = [torch.zeros(n), torch.zeros(n + 3)]
+        ops.grad_clip_noise_(gs, None, 1.0, 9, 2**40 + 1, None, None, [])
+        z = ref.normal(9, 2**40 + 1, 2 * n + 3).float()
+        assert torch.equal(torch.cat(gs), z), (t, n)
+print("ok")
+"""
+    env = dict(os.environ, FASTMASK_CPU_ISA=isa)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
 # ----------------------------------------------------------------------------- errors
 
 X4 = torch.zeros(2, 1, 3, 3)

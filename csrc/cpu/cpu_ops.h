@@ -87,12 +87,13 @@ void philox_normals(uint64_t seed, uint64_t offset, uint64_t start, int64_t n, f
 
 // y[t + c stride] = philox_keep(word start + t, thr) ? x[t + c stride] : fill for t < n and
 // c < planes (float32 pixel masks; y may be x; planes > 1: channel planes sharing a mask):
-// Philox and the select in one pass on AVX-512, philox_words + mask_pixel_f32 otherwise.
+// Philox and the select in one pass on AVX-512 and AVX2, philox_words + mask_pixel_f32 otherwise.
 void mask_pixel_stream_f32(uint64_t seed, uint64_t offset, uint64_t start, int64_t n, const float* x,
                            float* y, uint32_t thr, float fill, int64_t planes = 1, int64_t stride = 0);
 
 // y[t] = random_start_inf_elem(x[t], word start + t, eps, lo, hi), 0 <= t < n (float32, y may
-// be x): Philox and the step in one pass on AVX-512, philox_words + random_start_inf_f32 otherwise.
+// be x): Philox and the step in one pass on AVX-512 and AVX2, philox_words + random_start_inf_f32
+// otherwise.
 void random_start_stream_f32(uint64_t seed, uint64_t offset, uint64_t start, int64_t n, const float* x,
                              float* y, float eps, float lo, float hi);
 

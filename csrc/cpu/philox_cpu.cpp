@@ -1,8 +1,8 @@
 // Wide Philox and Box-Muller for the CPU kernels. Philox4x32-10 is integer math, so
 // the SIMD paths give the words of philox_block (fastmask/philox.h) bit for bit; they
-// only differ in speed. The ISA is picked once at run time (cpuid): AVX-512F (64
-// blocks per step), AVX2 (16 blocks), else the scalar philox_block. The environment
-// variable FASTMASK_CPU_ISA=avx512|avx2|scalar caps the choice (for tests).
+// only differ in speed. The ISA is cpu_isa() (simd_loops.h: cpuid, capped by
+// FASTMASK_CPU_ISA=avx512|avx2|scalar): AVX-512F (64 blocks per step), AVX2 (16
+// blocks), else the scalar philox_block.
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -79,24 +79,93 @@ FASTMASK_TARGET inline V mulhilo(V c, V m, V* lo) {
 #undef FASTMASK_TARGET
 }  // namespace avx512
 
-// kG groups of 8 blocks (nb a multiple of 8 kG), words stored in stream order.
-template <int kG>
+// The fused float32 kernels prefetch x and y this many floats (8 KB) ahead of the element
+// they work on. In a training step the batch and the fresh output are not in the cache
+// (the optimizer has just swept the weights and their moments), and without the prefetch
+// the misses came on top of the Philox work instead of behind it (benchmarks/RESULTS.md).
+// Prefetches never fault, so running past the end of the arrays is harmless.
+constexpr int64_t kPrefetchAhead = 2048;
+inline void prefetch_ahead(const float* x, float* y, int64_t e) {
+  const uintptr_t ahead = sizeof(float) * (uintptr_t)(e + kPrefetchAhead);  // address math, no pointer past the end
+  __builtin_prefetch((const void*)((uintptr_t)x + ahead), 0, 3);
+  __builtin_prefetch((const void*)((uintptr_t)y + ahead), 1, 3);
+}
+
+// The 32 words of one AVX2 group in stream order: out[q] holds words 8 q .. 8 q + 7 (a 4 x 8
+// transpose of the structure of arrays: blocks back to (c0, c1, c2, c3) order).
+__attribute__((target("avx2"))) inline void transpose_avx2(__m256i c0, __m256i c1, __m256i c2, __m256i c3,
+                                                           __m256i* out) {
+  const __m256i t0 = _mm256_unpacklo_epi32(c0, c1), t1 = _mm256_unpackhi_epi32(c0, c1);
+  const __m256i t2 = _mm256_unpacklo_epi32(c2, c3), t3 = _mm256_unpackhi_epi32(c2, c3);
+  const __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);  // 0 4, 1 5
+  const __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);  // 2 6, 3 7
+  out[0] = _mm256_permute2x128_si256(u0, u1, 0x20);
+  out[1] = _mm256_permute2x128_si256(u2, u3, 0x20);
+  out[2] = _mm256_permute2x128_si256(u0, u1, 0x31);
+  out[3] = _mm256_permute2x128_si256(u2, u3, 0x31);
+}
+
+// The 32 G words of blocks b .. b + 8 G - 1 in stream order: w[q] = words 8 q .. 8 q + 7.
+template <int G>
+__attribute__((target("avx2"))) inline void words_avx2(uint64_t seed, uint64_t offset, uint64_t b, __m256i* w) {
+  __m256i c0[G], c1[G], c2[G], c3[G];
+  avx2::philox<G>(seed, offset, b, c0, c1, c2, c3);
+  for (int i = 0; i < G; ++i) transpose_avx2(c0[i], c1[i], c2[i], c3[i], w + 4 * i);
+}
+
+// G groups of 8 blocks (nb a multiple of 8 G), words stored in stream order.
+template <int G>
 __attribute__((target("avx2"))) void blocks_avx2_g(uint64_t seed, uint64_t offset, uint64_t first,
                                                    int64_t nb, uint32_t* out) {
-  constexpr int L = 8;
-  for (int64_t g = 0; g < nb; g += L * kG) {
-    __m256i c0[kG], c1[kG], c2[kG], c3[kG];
-    avx2::philox<kG>(seed, offset, first + (uint64_t)g, c0, c1, c2, c3);
-    for (int i = 0; i < kG; ++i) {  // 4 x 8 transpose: blocks back to (c0, c1, c2, c3) order
-      const __m256i t0 = _mm256_unpacklo_epi32(c0[i], c1[i]), t1 = _mm256_unpackhi_epi32(c0[i], c1[i]);
-      const __m256i t2 = _mm256_unpacklo_epi32(c2[i], c3[i]), t3 = _mm256_unpackhi_epi32(c2[i], c3[i]);
-      const __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);  // 0 4, 1 5
-      const __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);  // 2 6, 3 7
-      __m256i* o = (__m256i*)(out + 4 * (g + L * i));
-      _mm256_storeu_si256(o + 0, _mm256_permute2x128_si256(u0, u1, 0x20));
-      _mm256_storeu_si256(o + 1, _mm256_permute2x128_si256(u2, u3, 0x20));
-      _mm256_storeu_si256(o + 2, _mm256_permute2x128_si256(u0, u1, 0x31));
-      _mm256_storeu_si256(o + 3, _mm256_permute2x128_si256(u2, u3, 0x31));
+  for (int64_t g = 0; g < nb; g += 8 * G) {
+    __m256i w[4 * G];
+    words_avx2<G>(seed, offset, first + (uint64_t)g, w);
+    for (int q = 0; q < 4 * G; ++q) _mm256_storeu_si256((__m256i*)(out + 4 * g + 8 * q), w[q]);
+  }
+}
+
+// Pixel masking fused with G groups of 8 blocks (nb a multiple of 8 G), as
+// mask_pixel_avx512_g: the words are transposed in the registers and never stored.
+// (w >> 8) < 2^24 and thr <= 2^24, so the signed compare AVX2 has is exact:
+// drop = thr > (w >> 8), i.e. not philox_keep; blendv takes fill there, x's bits elsewhere.
+template <int G>
+__attribute__((target("avx2"))) void mask_pixel_avx2_g(uint64_t seed, uint64_t offset, uint64_t first,
+                                                       int64_t nb, const float* x, float* y, uint32_t thr,
+                                                       float fill, int64_t planes, int64_t stride) {
+  const __m256i T = _mm256_set1_epi32((int)thr);
+  const __m256 F = _mm256_set1_ps(fill);
+  for (int64_t g = 0; g < nb; g += 8 * G) {
+    __m256i w[4 * G];
+    words_avx2<G>(seed, offset, first + (uint64_t)g, w);
+    for (int q = 0; q < 4 * G; ++q) {
+      const __m256 drop = _mm256_castsi256_ps(_mm256_cmpgt_epi32(T, _mm256_srli_epi32(w[q], 8)));
+      for (int64_t c = 0; c < planes; ++c) {
+        const int64_t e = 4 * g + 8 * q + c * stride;
+        if ((q & 1) == 0) prefetch_ahead(x, y, e);  // one 64-byte line per two vectors
+        _mm256_storeu_ps(y + e, _mm256_blendv_ps(_mm256_loadu_ps(x + e), F, drop));
+      }
+    }
+  }
+}
+
+// random_start (L-inf, float32) fused with G groups of 8 blocks (nb a multiple of 8 G): the
+// operations of random_start_inf_avx512_g in the same order (max_ps / min_ps return their
+// second operand when either is NaN, as on AVX-512).
+template <int G>
+__attribute__((target("avx2"))) void random_start_inf_avx2_g(uint64_t seed, uint64_t offset, uint64_t first,
+                                                             int64_t nb, const float* x, float* y, float eps,
+                                                             float lo, float hi) {
+  const __m256 E = _mm256_set1_ps(eps), LO = _mm256_set1_ps(lo), HI = _mm256_set1_ps(hi);
+  const __m256 S = _mm256_set1_ps(0x1p-23f), ONE = _mm256_set1_ps(1.0f);
+  for (int64_t g = 0; g < nb; g += 8 * G) {
+    __m256i w[4 * G];
+    words_avx2<G>(seed, offset, first + (uint64_t)g, w);
+    for (int q = 0; q < 4 * G; ++q) {
+      const int64_t e = 4 * g + 8 * q;
+      if ((q & 1) == 0) prefetch_ahead(x, y, e);  // one 64-byte line per two vectors
+      const __m256 t = _mm256_sub_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w[q], 8)), S), ONE);
+      const __m256 v = _mm256_add_ps(_mm256_loadu_ps(x + e), _mm256_mul_ps(E, t));
+      _mm256_storeu_ps(y + e, _mm256_min_ps(HI, _mm256_max_ps(LO, v)));
     }
   }
 }
@@ -169,6 +238,7 @@ __attribute__((target("avx512f,bmi2"))) void mask_pixel_avx512_g(uint64_t seed, 
           _pdep_u64(_mm512_cmpge_epu32_mask(_mm512_srli_epi32(c3[i], 8), T), 0x8888888888888888ull);
       for (int64_t c = 0; c < planes; ++c) {
         const int64_t e = 4 * (g + L * i) + c * stride;
+        for (int q = 0; q < 4; ++q) prefetch_ahead(x, y, e + 16 * q);
         for (int q = 0; q < 4; ++q)
           _mm512_storeu_ps(y + e + 16 * q, _mm512_mask_loadu_ps(F, (__mmask16)(m >> (16 * q)), x + e + 16 * q));
       }
@@ -191,6 +261,7 @@ __attribute__((target("avx512f"))) void random_start_inf_avx512_g(uint64_t seed,
     words_avx512<G>(seed, offset, first + (uint64_t)g, w);
     for (int q = 0; q < 4 * G; ++q) {
       const int64_t e = 4 * g + 16 * q;
+      prefetch_ahead(x, y, e);
       const __m512 t = _mm512_sub_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(w[q], 8)), S), ONE);
       const __m512 v = _mm512_add_ps(_mm512_loadu_ps(x + e), _mm512_mul_ps(E, t));
       _mm512_storeu_ps(y + e, _mm512_min_ps(HI, _mm512_max_ps(LO, v)));
@@ -215,14 +286,9 @@ struct WideBlocks {
 WideBlocks pick_blocks() {
   WideBlocks w;
 #if FASTMASK_X86_SIMD
-  const char* env = std::getenv("FASTMASK_CPU_ISA");
-  const std::string cap = env ? env : "";
-  __builtin_cpu_init();
-  const bool allow512 = cap.empty() || cap == "avx512";
-  const bool allow2 = allow512 || cap == "avx2";
-  if (allow512 && __builtin_cpu_supports("avx512f")) {
+  if (cpu_isa() == Isa::avx512) {
     w = {blocks_avx512, 16, "avx512"};
-  } else if (allow2 && __builtin_cpu_supports("avx2")) {
+  } else if (cpu_isa() == Isa::avx2) {
     w = {blocks_avx2, 8, "avx2"};
   }
 #endif
@@ -232,15 +298,6 @@ WideBlocks pick_blocks() {
 const WideBlocks& wide_blocks() {
   static const WideBlocks w = pick_blocks();
   return w;
-}
-
-// out[j] = z(words[2j], words[2j + 1]), 0 <= j < n. Compiled for several ISAs (the
-// float math is the same IEEE operations in each, so the results are too).
-#if FASTMASK_X86_SIMD && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
-void box_muller_words(const uint32_t* words, int64_t n, float* out) {
-  for (int64_t j = 0; j < n; ++j) out[j] = box_muller_f32(words[2 * j], words[2 * j + 1]);
 }
 
 }  // namespace
@@ -277,23 +334,29 @@ void philox_words(uint64_t seed, uint64_t offset, uint64_t start, int64_t n, uin
 
 namespace {
 
-// Words start .. start + n - 1 of a float32 stream kernel: with AVX-512, fused(G, first, nb, j)
-// runs the whole 64-word groups (nb blocks from block `first`, element j on) with G = 4 then 1
-// interleaved groups, and generic(j, len) the ragged ends; without, generic(0, n) does all.
+// Words start .. start + n - 1 of a float32 stream kernel: generic(j, len) runs the ragged
+// ends, fused(isa, G, first, nb, j) the whole 64-word pieces between them (nb blocks from
+// block `first`, element j on) with G interleaved groups of the ISA's width: AVX-512 G = 4
+// then 1 (16 blocks a group), AVX2 G = 2 (8 blocks a group); isa is 512 or 2 as an
+// integral_constant. Without AVX2, or for n < 128, generic(0, n) does all.
+template <int kIsa, int kBlocks, int kBig, class Generic, class Fused>
+void stream_groups(uint64_t start, int64_t n, Generic& generic, Fused& fused) {
+  using Isa_ = std::integral_constant<int, kIsa>;
+  const int64_t head = std::min<int64_t>(n, (int64_t)((64 - (start & 63)) & 63));
+  generic(0, head);
+  const uint64_t first = (start + (uint64_t)head) >> 2;  // a multiple of 16 blocks
+  const int64_t nb = (n - head) / 64 * 16, big = nb / (kBlocks * kBig) * (kBlocks * kBig);
+  fused(Isa_{}, std::integral_constant<int, kBig>{}, first, big, head);
+  if (nb > big) fused(Isa_{}, std::integral_constant<int, 1>{}, first + (uint64_t)big, nb - big, head + 4 * big);
+  const int64_t done = head + 4 * nb;
+  generic(done, n - done);
+}
+
 template <class Generic, class Fused>
 void stream_f32(uint64_t start, int64_t n, Generic generic, Fused fused) {
 #if FASTMASK_X86_SIMD
-  if (wide_blocks().fn == blocks_avx512 && n >= 128) {
-    const int64_t head = std::min<int64_t>(n, (int64_t)((64 - (start & 63)) & 63));
-    generic(0, head);
-    const uint64_t first = (start + (uint64_t)head) >> 2;  // a multiple of 16 blocks
-    const int64_t nb = (n - head) / 64 * 16, big = nb / 64 * 64;
-    fused(std::integral_constant<int, 4>{}, first, big, head);
-    fused(std::integral_constant<int, 1>{}, first + (uint64_t)big, nb - big, head + 4 * big);
-    const int64_t done = head + 4 * nb;
-    generic(done, n - done);
-    return;
-  }
+  if (n >= 128 && cpu_isa() == Isa::avx512) return stream_groups<512, 16, 4>(start, n, generic, fused);
+  if (n >= 128 && cpu_isa() == Isa::avx2) return stream_groups<2, 8, 2>(start, n, generic, fused);
 #endif
   (void)fused;
   generic(0, n);
@@ -314,9 +377,9 @@ void word_chunks(uint64_t seed, uint64_t offset, uint64_t start, int64_t j, int6
 
 // y[t + c stride] = philox_keep(word start + t, thr) ? x[t + c stride] : fill, 0 <= t < n,
 // 0 <= c < planes (float32 pixel masks; y may be x; planes > 1: one word for the same pixel
-// of several channel planes). With AVX-512 the whole 64-word groups go through
-// mask_pixel_avx512_g, the ragged ends (and other ISAs) through philox_words +
-// mask_pixel_f32: the same bits.
+// of several channel planes). With AVX-512 or AVX2 the whole 64-word pieces go through
+// mask_pixel_avx512_g / mask_pixel_avx2_g, the ragged ends (and the scalar ISA) through
+// philox_words + mask_pixel_f32: the same bits.
 void mask_pixel_stream_f32(uint64_t seed, uint64_t offset, uint64_t start, int64_t n, const float* x,
                            float* y, uint32_t thr, float fill, int64_t planes, int64_t stride) {
   stream_f32(
@@ -327,17 +390,21 @@ void mask_pixel_stream_f32(uint64_t seed, uint64_t offset, uint64_t start, int64
             mask_pixel_f32(x + s + c * stride, w, y + s + c * stride, l, thr, fill);
         });
       },
-      [&](auto G, uint64_t first, int64_t nb, int64_t j) {
+      [&](auto isa, auto G, uint64_t first, int64_t nb, int64_t j) {
 #if FASTMASK_X86_SIMD
-        mask_pixel_avx512_g<decltype(G)::value>(seed, offset, first, nb, x + j, y + j, thr, fill, planes,
+        if constexpr (decltype(isa)::value == 512)
+          mask_pixel_avx512_g<decltype(G)::value>(seed, offset, first, nb, x + j, y + j, thr, fill, planes,
+                                                  stride);
+        else
+          mask_pixel_avx2_g<decltype(G)::value>(seed, offset, first, nb, x + j, y + j, thr, fill, planes,
                                                 stride);
 #endif
       });
 }
 
 // y[t] = random_start_inf_elem(x[t], word start + t, eps, lo, hi), 0 <= t < n (float32; y may
-// be x): fused on AVX-512 (random_start_inf_avx512_g), philox_words + random_start_inf_f32
-// otherwise and at the ragged ends.
+// be x): fused on AVX-512 and AVX2 (random_start_inf_avx512_g / _avx2_g), philox_words +
+// random_start_inf_f32 on the scalar ISA and at the ragged ends.
 void random_start_stream_f32(uint64_t seed, uint64_t offset, uint64_t start, int64_t n, const float* x,
                              float* y, float eps, float lo, float hi) {
   stream_f32(
@@ -347,9 +414,12 @@ void random_start_stream_f32(uint64_t seed, uint64_t offset, uint64_t start, int
           random_start_inf_f32(x + s, w, y + s, l, eps, lo, hi);
         });
       },
-      [&](auto G, uint64_t first, int64_t nb, int64_t j) {
+      [&](auto isa, auto G, uint64_t first, int64_t nb, int64_t j) {
 #if FASTMASK_X86_SIMD
-        random_start_inf_avx512_g<decltype(G)::value>(seed, offset, first, nb, x + j, y + j, eps, lo, hi);
+        if constexpr (decltype(isa)::value == 512)
+          random_start_inf_avx512_g<decltype(G)::value>(seed, offset, first, nb, x + j, y + j, eps, lo, hi);
+        else
+          random_start_inf_avx2_g<decltype(G)::value>(seed, offset, first, nb, x + j, y + j, eps, lo, hi);
 #endif
       });
 }
@@ -359,7 +429,7 @@ void philox_normals(uint64_t seed, uint64_t offset, uint64_t start, int64_t n, f
   for (int64_t j = 0; j < n; j += kWordChunk) {
     const int64_t len = std::min(kWordChunk, n - j);
     philox_words(seed, offset, 2 * (start + (uint64_t)j), 2 * len, words);
-    box_muller_words(words, len, out + j);
+    box_muller_words_f32(words, len, out + j);
   }
 }
 

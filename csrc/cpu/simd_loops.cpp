@@ -1,74 +1,96 @@
-// float32 inner loops of the element-wise CPU kernels, compiled for several ISAs
-// (AVX-512F, AVX2, baseline) and picked at load time (GCC target_clones), since the
-// wheel is built without -march. They only loop over the per-element functions of
-// fastmask/elementwise.h and fastmask/philox.h: the same IEEE operations in the same
-// order under every ISA (no FMA: -ffp-contract=off), so the results are identical.
+// float32 inner loops of the element-wise CPU kernels, compiled for AVX-512F, AVX2 and
+// baseline x86-64 (simd_loops.inc, once per ISA) and picked once at load time by
+// cpu_isa(), since the wheel is built without -march. The same IEEE operations in the
+// same order under every ISA (no FMA: -ffp-contract=off), so the results are identical.
 // Other dtypes use the generic loops in the kernels.
 #include "simd_loops.h"
+
+#include <cstdlib>
+#include <string>
 
 #include "fastmask/elementwise.h"
 #include "fastmask/philox.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FASTMASK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FASTMASK_CLONES
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTMASK_X86_SIMD 1
 #endif
 
 namespace fastmask {
 namespace cpu {
 
-// ELEM(src) is the output element k computed from input element src[k]. In place
-// (y == x) the loop names one pointer, so it vectorizes without an overlap check.
-#define FASTMASK_LOOP(ELEM)                                 \
-  if (y == x) {                                             \
-    for (int64_t k = 0; k < n; ++k) y[k] = ELEM(y);         \
-  } else {                                                  \
-    for (int64_t k = 0; k < n; ++k) y[k] = ELEM(x);         \
+Isa pick_cpu_isa() {
+#if FASTMASK_X86_SIMD
+  const char* env = std::getenv("FASTMASK_CPU_ISA");
+  const std::string cap = env ? env : "";
+  __builtin_cpu_init();
+  const bool allow512 = cap.empty() || cap == "avx512";
+  const bool allow2 = allow512 || cap == "avx2";
+  if (allow512 && __builtin_cpu_supports("avx512f")) return Isa::avx512;
+  if (allow2 && __builtin_cpu_supports("avx2")) return Isa::avx2;
+#endif
+  return Isa::scalar;
+}
+
+Isa cpu_isa() {
+  static const Isa isa = pick_cpu_isa();
+  return isa;
+}
+
+namespace base {
+#define FASTMASK_TARGET
+#include "simd_loops.inc"
+#undef FASTMASK_TARGET
+}  // namespace base
+
+#if FASTMASK_X86_SIMD
+namespace avx2 {
+#define FASTMASK_TARGET __attribute__((target("avx2")))
+#include "simd_loops.inc"
+#undef FASTMASK_TARGET
+}  // namespace avx2
+
+namespace avx512 {
+#define FASTMASK_TARGET __attribute__((target("avx512f")))
+#include "simd_loops.inc"
+#undef FASTMASK_TARGET
+}  // namespace avx512
+
+// The loop of the ISA cpu_isa() picked: a switch per call (one predictable branch, next
+// to loops over thousands of elements) rather than a table of pointers to keep in sync.
+#define FASTMASK_PICK(fn, ...)                              \
+  switch (cpu_isa()) {                                      \
+    case Isa::avx512: return avx512::fn(__VA_ARGS__);       \
+    case Isa::avx2: return avx2::fn(__VA_ARGS__);           \
+    default: return base::fn(__VA_ARGS__);                  \
   }
+#else
+#define FASTMASK_PICK(fn, ...) return base::fn(__VA_ARGS__);
+#endif
 
-FASTMASK_CLONES
-void fgsm_f32(const float* x, const float* __restrict g, float* y, int64_t n, float eps,
-              float lo, float hi) {
-#define E(src) fgsm_elem<float>(src[k], g[k], eps, lo, hi)
-  FASTMASK_LOOP(E)
-#undef E
+void fgsm_f32(const float* x, const float* g, float* y, int64_t n, float eps, float lo, float hi) {
+  FASTMASK_PICK(fgsm_f32, x, g, y, n, eps, lo, hi)
 }
 
-FASTMASK_CLONES
-void pgd_inf_f32(const float* x, const float* __restrict xn, const float* __restrict g,
-                 float* y, int64_t n, float alpha, float eps, float lo, float hi) {
-#define E(src) pgd_inf_elem<float>(src[k], xn[k], g[k], alpha, eps, lo, hi)
-  FASTMASK_LOOP(E)
-#undef E
+void pgd_inf_f32(const float* x, const float* xn, const float* g, float* y, int64_t n, float alpha,
+                 float eps, float lo, float hi) {
+  FASTMASK_PICK(pgd_inf_f32, x, xn, g, y, n, alpha, eps, lo, hi)
 }
 
-FASTMASK_CLONES
-void random_start_inf_f32(const float* x, const uint32_t* __restrict w, float* y, int64_t n,
-                          float eps, float lo, float hi) {
-#define E(src) random_start_inf_elem<float>(src[k], w[k], eps, lo, hi)
-  FASTMASK_LOOP(E)
-#undef E
+void random_start_inf_f32(const float* x, const uint32_t* w, float* y, int64_t n, float eps, float lo,
+                          float hi) {
+  FASTMASK_PICK(random_start_inf_f32, x, w, y, n, eps, lo, hi)
 }
 
-// Unconditional load of x[k], then a select: the select vectorizes.
-FASTMASK_CLONES
-void mask_pixel_f32(const float* x, const uint32_t* __restrict w, float* y, int64_t n,
-                    uint32_t threshold, float fill) {
-  if (y == x) {
-    for (int64_t k = 0; k < n; ++k) {
-      const float v = y[k];
-      y[k] = philox_keep(w[k], threshold) ? v : fill;
-    }
-  } else {
-    for (int64_t k = 0; k < n; ++k) {
-      const float v = x[k];
-      y[k] = philox_keep(w[k], threshold) ? v : fill;
-    }
-  }
+void mask_pixel_f32(const float* x, const uint32_t* w, float* y, int64_t n, uint32_t threshold,
+                    float fill) {
+  FASTMASK_PICK(mask_pixel_f32, x, w, y, n, threshold, fill)
 }
 
-#undef FASTMASK_LOOP
+void box_muller_words_f32(const uint32_t* words, int64_t n, float* out) {
+  FASTMASK_PICK(box_muller_words_f32, words, n, out)
+}
+
+#undef FASTMASK_PICK
 
 }  // namespace cpu
 }  // namespace fastmask

@@ -7,6 +7,12 @@
 namespace fastmask {
 namespace cpu {
 
+// The instruction set of every SIMD path on this CPU (the element loops below and the
+// Philox kernels of philox_cpu.cpp): the widest the CPU has, capped by the environment
+// variable FASTMASK_CPU_ISA=avx512|avx2|scalar; read once, at the first call.
+enum class Isa { scalar, avx2, avx512 };
+Isa cpu_isa();
+
 // The kernels call these under `if constexpr (std::is_same_v<scalar_t, float>)` inside
 // AT_DISPATCH lambdas, where the other branch is still compiled: f32 makes the pointer
 // types agree (it is only reached for float).
@@ -22,6 +28,8 @@ void random_start_inf_f32(const float* x, const uint32_t* w, float* y, int64_t n
                           float lo, float hi);
 void mask_pixel_f32(const float* x, const uint32_t* w, float* y, int64_t n, uint32_t threshold,
                     float fill);
+// out[j] = box_muller_f32(words[2j], words[2j + 1]), 0 <= j < n.
+void box_muller_words_f32(const uint32_t* words, int64_t n, float* out);
 
 }  // namespace cpu
 }  // namespace fastmask
