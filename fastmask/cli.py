@@ -113,7 +113,7 @@ def folder_arg(path):
 
 def build_parser():
     from .honest import ATTACK_PRESETS, PRESET_ALIASES
-    from .pipeline import DEFAULT_ROWS, ROWS, TRAIN_PRESETS
+    from .pipeline import DEFAULT_ROWS, ROW_GROUPS, ROWS, TRAIN_PRESETS
     p = Parser(prog="fastmask", description="Feature masking and gradient manipulation against "
                "adversarial examples (Ingle and Pawale), reproduced on MNIST.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -136,7 +136,8 @@ def build_parser():
     r.add_argument("--epochs", type=positive_int, help="override the preset's epochs")
     r.add_argument("--eps", type=eps_list, help="comma-separated eps sweep (default 0.05,...,0.3)")
     r.add_argument("--rows", help=f"comma-separated rows (default {','.join(DEFAULT_ROWS)}; "
-                   f"available {','.join(ROWS)})")
+                   f"available {','.join(ROWS)}; groups: "
+                   + "; ".join(f"{g} = {','.join(v)}" for g, v in ROW_GROUPS.items()) + ")")
     r.add_argument("--seeds", type=positive_int, help="train and evaluate every row for this many seeds "
                    "(--seed, --seed+1, ...; folders seed_<s>/) and write mean, std, 95%% CIs and paired tests "
                    "(default 1; 3 with --honest)")
