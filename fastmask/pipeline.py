@@ -58,6 +58,8 @@ ROWS = {  # name -> (label, mask ratio, pattern, grad manipulation, adversarial 
     "learned_l1e-3": ("learned soft mask, lambda 1e-3 (eq. 17)", None, "learned", None, None),
     "learned_l1e-2": ("learned soft mask, lambda 1e-2 (eq. 17)", None, "learned", None, None),
     "random30_k2": ("masked 30% random, redrawn every 2 epochs", 0.3, "every 2 epochs", None, None),
+    # the mask chosen on the validation split by `fastmask tune` (eq. 20): ReproduceConfig.tuned
+    "tuned": ("tuned mask (fastmask tune, eq. 20)", None, "tuned", None, None),
 }
 # How the rows beyond pixel masks mask (absent: a pixel mask, cfg.mask_mode). mode: the FeatureMask mode
 # (block: one rectangle of 30 % of the pixels per image set to 0; blur: 30 % of the pixels replaced by their
@@ -106,12 +108,15 @@ class ReproduceConfig:
     adv_eps: float = 0.1            # fast_at rows only
     lr_schedule: str = "constant"   # every row; "cyclic": Wong et al.'s 0 -> lr -> 0 per step
     n_val: int = None               # None: 10,000 (data.load's default)
+    tuned: str = None               # row "tuned": the tuned.json of `fastmask tune`
 
     def __post_init__(self):
         C.field(C.choice, "preset", self.preset, tuple(TRAIN_PRESETS))
         C.field(C.choice, "model", self.model, M.MODELS)
         C.field(C.choice, "dataset", self.dataset, D.DATASETS)
         self.rows = expand_rows(self.rows)
+        if "tuned" in self.rows and not self.tuned:
+            raise ValueError("rows: 'tuned' needs tuned=<the tuned.json of fastmask tune> (--tuned FILE)")
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise ValueError(f"out={self.out!r} is a file, not a folder")
         if self.threads is not None:
@@ -145,6 +150,9 @@ def expand_rows(rows):
 def row_mask(name, cfg, n_train):
     """The mask config of row `name` (None: no mask)."""
     label, ratio, pattern, grad, adv = ROWS[name]
+    if name == "tuned":
+        from .tune import point_mask, read_tuned
+        return point_mask(read_tuned(cfg.tuned), cfg.seed, n_train, cfg.batch_size)
     menu = MASK_MENU.get(name, {})
     if "l1" in menu:
         return M.learned_mask_config(menu["l1"])
@@ -233,6 +241,15 @@ def evaluate_row(model, data, cfg, x_test, x_train_eval, y_train_eval):
     return res, correct
 
 
+def config_dict(cfg):
+    """asdict(cfg) without the fields a run did not use (`tuned`), so results.json of runs without
+    them stays what it always was."""
+    d = asdict(cfg)
+    if d.get("tuned") is None:
+        d.pop("tuned", None)
+    return d
+
+
 def versions():
     from . import ops
     try:
@@ -282,6 +299,8 @@ def run_reproduce(cfg, log=print):
             res["test_mask"], corr_mt = evaluate_row(mt, data, cfg, x_test, x_tr, y_tr)
             corr["test_mask"] = corr_mt
         label, ratio, pattern, grad, adv = ROWS[name]
+        if name == "tuned":
+            ratio, pattern = mask["ratio"], mask["scope"]
         rows[name] = {"label": label, "ratio": ratio, "pattern": pattern, "grad_manipulation": grad,
                       "adv_train": adv, "mask": mask, "train_config": tcfg.to_dict(), "resumed": resumed,
                       "history": info["history"], "train_time_s": info["train_time"],
@@ -307,7 +326,7 @@ def run_reproduce(cfg, log=print):
             r["vs_baseline"] = vs[name]
     results = {
         "paper": "Ingle and Pawale, Enhancing Adversarial Defense ... Feature Masking and Gradient Manipulation",
-        "config": asdict(cfg), "versions": versions(), "seed": cfg.seed,
+        "config": config_dict(cfg), "versions": versions(), "seed": cfg.seed,
         "data": {"dataset": cfg.dataset, "source": data.source, "sha256": data.sha256, "sizes": data.sizes(),
                  "split_seed": data.split_seed, "subset": data.subset},
         "protocol": {

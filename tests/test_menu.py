@@ -167,3 +167,72 @@ def test_menu_rows_through_reproduce(tmp_path):
     torch.testing.assert_close(lm, ck.mask.mask().detach())
     for fig in ("fig7_learned_masks.png", "fig8_mask_modes.png"):
         assert (tmp_path / fig).stat().st_size > 1000
+
+
+# ---------------------------------------------------------------- fastmask tune (eq. 20)
+class Untouchable:
+    """The test split during tuning: any use of it fails the test."""
+
+    def __getattr__(self, name):
+        raise AssertionError("the tuning read the test set")
+
+    def __getitem__(self, k):
+        raise AssertionError("the tuning read the test set")
+
+    def __len__(self):
+        raise AssertionError("the tuning read the test set")
+
+
+@pytest.mark.skipif(not HAS_MNIST, reason="no MNIST source installed")
+def test_tune_scores_on_validation_only_resumes_and_feeds_reproduce(tmp_path, monkeypatch):
+    import dataclasses
+    from fastmask import tune
+    load = D.load
+    monkeypatch.setattr(tune.D, "load", lambda *a, **k: dataclasses.replace(
+        load(*a, **k), x_test=Untouchable(), y_test=Untouchable()))
+    cfg = tune.TuneConfig(out=str(tmp_path / "t"), preset="smoke", ratios=(0.1, 0.5), patterns=("random", "fixed"),
+                          modes=("pixel",), variability=(None, 2), n_robust=40, pgd_steps=3, quiet=True)
+    assert len(cfg.points()) == 6  # fixed points have no variability: 2 x (2 + 1)
+    chosen = tune.run_tune(cfg)
+    js = json.loads((tmp_path / "t" / "tune.json").read_text())
+    assert len(js["points"]) == 6 and len(list((tmp_path / "t" / "points").glob("*.json"))) == 6
+    best = max(js["points"], key=lambda r: r["score"])
+    assert chosen["score"] == best["score"] and all(r["score"] == r["val_clean_acc"] + r["val_robust_acc"]
+                                                   for r in js["points"])
+    assert "chosen" in (tmp_path / "t" / "tune.md").read_text()
+    # killed after 5 points: only the missing one is scored again
+    victim = sorted((tmp_path / "t" / "points").glob("*.json"))[0]
+    victim.unlink()
+    scored = []
+    real = tune.score_point
+    monkeypatch.setattr(tune, "score_point", lambda p, *a: scored.append(p) or real(p, *a))
+    assert tune.run_tune(cfg) == chosen and len(scored) == 1
+    # the chosen mask is a row of reproduce
+    monkeypatch.setattr(tune.D, "load", load)
+    out = tmp_path / "r"
+    run_reproduce(ReproduceConfig(out=str(out), preset="smoke", quiet=True, rows=("baseline", "tuned"),
+                                  tuned=str(tmp_path / "t" / "tuned.json")))
+    r = json.loads((out / "results.json").read_text())["rows"]["tuned"]
+    assert r["mask"]["ratio"] == chosen["point"]["ratio"] and r["ratio"] == chosen["point"]["ratio"]
+
+
+@pytest.mark.parametrize("kw,needle", [({"ratios": ()}, "ratios=\\(\\) is empty"),
+                                       ({"ratios": (1.2,)}, "ratio=1.2 must be in"),
+                                       ({"variability": (0,)}, "variability=0 must be >= 1"),
+                                       ({"modes": ("smear",)}, "mode='smear'")])
+def test_tune_bad_grid(kw, needle):
+    from fastmask.tune import TuneConfig
+    with pytest.raises(ValueError, match=needle):
+        TuneConfig(**kw)
+
+
+@pytest.mark.parametrize("args,needle", [(("tune", "--ratios", "0.3,1.5"), "'1.5' is outside [0, 1]"),
+                                         (("tune", "--ratios", ","), "ratios=() is empty"),
+                                         (("tune", "--variability", "2,2"), "repeats a value"),
+                                         (("train", "--mask-mode", "learned", "--mask-l1", "-1"), "'-1' must be >= 0"),
+                                         (("train", "--mask-ratio", "0.3", "--mask-redraw-epochs", "0"),
+                                          "'0' must be >= 1"),
+                                         (("reproduce", "--rows", "baseline,tuned"), "'tuned' needs")])
+def test_cli_bad_input_is_one_line(args, needle, tmp_path):
+    r = fastmask(*args, "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
