@@ -138,7 +138,7 @@ def expand_rows(rows):
     for r in rows:
         for name in ROW_GROUPS.get(r, (r,)):
             if name not in ROWS:
-                raise ValueError(f"rows: unknown row {name!r}; the rows are {', '.join(ROWS)} "
+                raise ValueError(f"rows={list(rows)!r}: unknown row {name!r}; the rows are {', '.join(ROWS)} "
                                  f"and the groups {', '.join(ROW_GROUPS)}")
             if name not in out:
                 out.append(name)
