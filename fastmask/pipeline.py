@@ -299,8 +299,10 @@ def run_reproduce(cfg, log=print):
             res["test_mask"], corr_mt = evaluate_row(mt, data, cfg, x_test, x_tr, y_tr)
             corr["test_mask"] = corr_mt
         label, ratio, pattern, grad, adv = ROWS[name]
-        if name == "tuned":
-            ratio, pattern = mask["ratio"], mask["scope"]
+        if name == "tuned":  # what the tuning chose
+            from .tune import point_label, read_tuned
+            point = read_tuned(cfg.tuned)
+            label, ratio, pattern = f"tuned: {point_label(point)}", point["ratio"], point["pattern"]
         rows[name] = {"label": label, "ratio": ratio, "pattern": pattern, "grad_manipulation": grad,
                       "adv_train": adv, "mask": mask, "train_config": tcfg.to_dict(), "resumed": resumed,
                       "history": info["history"], "train_time_s": info["train_time"],

@@ -134,6 +134,8 @@ def run_tune(cfg, log=print):
         data = data.take(**{k: v for k, v in preset["subset"].items() if k != "test"})
     train_cfg = TrainConfig(epochs=preset["epochs"], batch_size=preset["batch_size"], seed=cfg.seed)
     out = Path(cfg.out)
+    for stale in sorted(out.glob(".*.tmp")) + sorted(out.glob("points/.*.tmp")):
+        stale.unlink(missing_ok=True)  # half-written by a search that was killed (SIGKILL)
     settings = {"model": cfg.model, "dataset": cfg.dataset, "data_sha256": data.sha256, "subset": data.subset,
                 "train": train_cfg.to_dict(), "eps": cfg.eps, "n_robust": cfg.n_robust, "pgd_steps": cfg.pgd_steps,
                 "seed": cfg.seed}

@@ -200,13 +200,14 @@ def test_tune_scores_on_validation_only_resumes_and_feeds_reproduce(tmp_path, mo
     assert chosen["score"] == best["score"] and all(r["score"] == r["val_clean_acc"] + r["val_robust_acc"]
                                                    for r in js["points"])
     assert "chosen" in (tmp_path / "t" / "tune.md").read_text()
-    # killed after 5 points: only the missing one is scored again
+    # killed after 5 points (SIGKILL may leave a hidden temp file): only the missing one is scored again
     victim = sorted((tmp_path / "t" / "points").glob("*.json"))[0]
-    victim.unlink()
+    victim.rename(victim.parent / f".{victim.name}.abc.tmp")
     scored = []
     real = tune.score_point
     monkeypatch.setattr(tune, "score_point", lambda p, *a: scored.append(p) or real(p, *a))
     assert tune.run_tune(cfg) == chosen and len(scored) == 1
+    assert not list((tmp_path / "t").rglob("*.tmp"))
     # the chosen mask is a row of reproduce
     monkeypatch.setattr(tune.D, "load", load)
     out = tmp_path / "r"
@@ -214,6 +215,7 @@ def test_tune_scores_on_validation_only_resumes_and_feeds_reproduce(tmp_path, mo
                                   tuned=str(tmp_path / "t" / "tuned.json")))
     r = json.loads((out / "results.json").read_text())["rows"]["tuned"]
     assert r["mask"]["ratio"] == chosen["point"]["ratio"] and r["ratio"] == chosen["point"]["ratio"]
+    assert r["pattern"] == chosen["point"]["pattern"] and r["label"] == "tuned: " + chosen["label"]
 
 
 @pytest.mark.parametrize("kw,needle", [({"ratios": ()}, "ratios=\\(\\) is empty"),
