@@ -153,8 +153,9 @@ def build_parser():
     r.add_argument("--epochs", type=positive_int, help="override the preset's epochs")
     r.add_argument("--eps", type=eps_list, help="comma-separated eps sweep (default 0.05,...,0.3)")
     r.add_argument("--rows", help=f"comma-separated rows (default {','.join(DEFAULT_ROWS)}; "
-                   f"available {','.join(ROWS)}; groups: "
-                   + "; ".join(f"{g} = {','.join(v)}" for g, v in ROW_GROUPS.items()) + ")")
+                   f"available: {', '.join(ROWS)}; groups: "
+                   + "; ".join(f"{g} = {', '.join(v)}" for g, v in ROW_GROUPS.items())
+                   + "; tuned needs --tuned; the masking menu: docs/masking.md)")
     r.add_argument("--seeds", type=positive_int, help="train and evaluate every row for this many seeds "
                    "(--seed, --seed+1, ...; folders seed_<s>/) and write mean, std, 95%% CIs and paired tests "
                    "(default 1; 3 with --honest)")
