@@ -57,6 +57,7 @@ class TuneConfig:
         from .pipeline import TRAIN_PRESETS
         C.field(C.choice, "preset", self.preset, tuple(TRAIN_PRESETS))
         C.field(C.choice, "model", self.model, M.MODELS)
+        C.field(C.choice, "dataset", self.dataset, D.DATASETS)
         for name in ("ratios", "patterns", "modes", "variability"):
             values = tuple(getattr(self, name))
             if not values:
