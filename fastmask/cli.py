@@ -1,4 +1,4 @@
-"""Command line: fastmask reproduce | train | attack | evaluate | bench.
+"""Command line: fastmask reproduce | train | attack | evaluate | tune | bench.
 
     fastmask reproduce [--model mlp|cnn] [--preset smoke|default|full] [--out DIR] ...
     fastmask train --out DIR [--mask-ratio R --mask-scope sample|fixed ...] [--adv-train fgsm|pgd [--adv-steps K]]
@@ -6,6 +6,8 @@
     fastmask evaluate --checkpoint NAME=PATH ... [--surrogate PATH] [--preset check|standard|thorough]
                       [--attack-opt NAME.KEY=VALUE ...] --out DIR   (honest evaluation)
     fastmask reproduce --honest [--seeds N]   (Table I over seeds + honest evaluation)
+    fastmask tune [--ratios 0.1,0.3 --patterns random,fixed --modes pixel,block,blur --variability 0,2] --out DIR
+    fastmask reproduce --rows baseline,tuned --tuned DIR/tuned.json
 
 Two preset families, two sets of names: `reproduce --preset` sizes the training
 and the protocol (smoke, default, full: pipeline.TRAIN_PRESETS), `evaluate
@@ -104,6 +106,21 @@ def nonneg_int(text):
     return _checked(C.nonneg_int, _int(text), text)
 
 
+def _list(item):
+    """A comma-separated list of `item` values (an argparse type); empty lists are refused by the config."""
+    def parse(text):
+        return tuple(item(v.strip()) for v in text.split(",") if v.strip())
+    return parse
+
+
+def _choice(choices):
+    def parse(text):
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(choices)}")
+        return text
+    return parse
+
+
 def folder_arg(path):
     """An output folder: absent (it is created) or a folder, never a file."""
     if path.exists() and not path.is_dir():
@@ -113,7 +130,7 @@ def folder_arg(path):
 
 def build_parser():
     from .honest import ATTACK_PRESETS, PRESET_ALIASES
-    from .pipeline import DEFAULT_ROWS, ROWS, TRAIN_PRESETS
+    from .pipeline import DEFAULT_ROWS, ROW_GROUPS, ROWS, TRAIN_PRESETS
     p = Parser(prog="fastmask", description="Feature masking and gradient manipulation against "
                "adversarial examples (Ingle and Pawale), reproduced on MNIST.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -136,7 +153,9 @@ def build_parser():
     r.add_argument("--epochs", type=positive_int, help="override the preset's epochs")
     r.add_argument("--eps", type=eps_list, help="comma-separated eps sweep (default 0.05,...,0.3)")
     r.add_argument("--rows", help=f"comma-separated rows (default {','.join(DEFAULT_ROWS)}; "
-                   f"available {','.join(ROWS)})")
+                   f"available: {', '.join(ROWS)}; groups: "
+                   + "; ".join(f"{g} = {', '.join(v)}" for g, v in ROW_GROUPS.items())
+                   + "; tuned needs --tuned; the masking menu: docs/masking.md)")
     r.add_argument("--seeds", type=positive_int, help="train and evaluate every row for this many seeds "
                    "(--seed, --seed+1, ...; folders seed_<s>/) and write mean, std, 95%% CIs and paired tests "
                    "(default 1; 3 with --honest)")
@@ -146,6 +165,7 @@ def build_parser():
     r.add_argument("--lr-schedule", choices=("constant", "cyclic"), help="every row (default constant)")
     r.add_argument("--batch-size", type=positive_int, help="override the preset's batch size")
     r.add_argument("--adv-eps", type=positive_float, help="eps of the fast-AT rows (default 0.1)")
+    r.add_argument("--tuned", metavar="FILE", help="the tuned.json of `fastmask tune`, for the row 'tuned'")
 
     t = sub.add_parser("train", help="train one model and write its checkpoint")
     common(t)
@@ -157,7 +177,13 @@ def build_parser():
     t.add_argument("--mask-ratio", type=ratio, default=0.0)
     t.add_argument("--mask-scope", choices=("sample", "fixed"), default="sample",
                    help="sample: a fresh random mask per image and step; fixed: one mask for all")
-    t.add_argument("--mask-mode", choices=("pixel", "blur", "block"), default="pixel")
+    t.add_argument("--mask-mode", choices=("pixel", "blur", "block", "learned"), default="pixel",
+                   help="learned: the paper's soft mask M = sigmoid(logits), penalty --mask-l1 * sum |M| "
+                   "(--mask-ratio unused)")
+    t.add_argument("--mask-l1", type=nonneg_float, default=1e-3, help="lambda of the learned mask's penalty")
+    t.add_argument("--mask-redraw-epochs", type=positive_int, metavar="K",
+                   help="one mask for every image, redrawn every K epochs (variability between epochs)")
+    t.add_argument("--mask-rescale", action="store_true", help="inverted dropout: kept pixels times 1/(1-ratio)")
     t.add_argument("--max-norm", type=positive_float, help="clip gradients to this global norm")
     t.add_argument("--noise-std", type=nonneg_float, default=0.0, help="Gaussian noise added to the gradients")
     t.add_argument("--adv-train", choices=("fgsm", "pgd"),
@@ -196,6 +222,20 @@ def build_parser():
     e.add_argument("--data-dir")
     e.add_argument("--threads", type=positive_int, default=1, help=THREADS_HELP)
     e.add_argument("--quiet", action="store_true")
+
+    u = sub.add_parser("tune", help="choose the mask on the validation split (the paper's eq. 20)")
+    common(u)
+    u.add_argument("--out", default="tune", help="folder: tune.md, tune.json, tuned.json, points/")
+    u.add_argument("--preset", choices=tuple(TRAIN_PRESETS), default="default", help="training sizes (as reproduce)")
+    u.add_argument("--ratios", type=_list(ratio), default=(0.1, 0.3, 0.5), help="comma-separated, in [0, 1]")
+    u.add_argument("--patterns", type=_list(_choice(("random", "fixed"))), default=("random", "fixed"))
+    u.add_argument("--modes", type=_list(_choice(("pixel", "block", "blur"))), default=("pixel",))
+    u.add_argument("--variability", type=_list(nonneg_int), default=(0,),
+                   help="comma-separated k: 0 = a fresh mask per image and step, k >= 1 = one mask redrawn "
+                   "every k epochs (default 0)")
+    u.add_argument("--eps", type=positive_float, default=0.1, help="eps of the validation PGD (default 0.1)")
+    u.add_argument("--n-robust", type=positive_int, default=500, help="validation images under PGD (default 500)")
+    u.add_argument("--pgd-steps", type=positive_int, default=10)
 
     a = sub.add_parser("attack", help="evaluate a checkpoint under FGSM and PGD")
     a.add_argument("--checkpoint", required=True)
@@ -246,6 +286,18 @@ def cmd_reproduce(args):
     else:
         from .seeds import reproduce_seeds
         reproduce_seeds(ReproduceConfig(**kw), seeds=seeds)
+
+
+def cmd_tune(args):
+    from .tune import TuneConfig, run_tune
+    folder_arg(Path(args.out))
+    variability = tuple(None if k == 0 else k for k in args.variability)
+    if len(set(variability)) < len(variability):
+        raise CliError(f"fastmask tune: argument --variability: {list(args.variability)} repeats a value")
+    run_tune(TuneConfig(out=args.out, model=args.model, dataset=args.dataset, preset=args.preset, seed=args.seed,
+                        data_dir=args.data_dir, ratios=args.ratios, patterns=args.patterns, modes=args.modes,
+                        variability=variability, eps=args.eps, n_robust=args.n_robust, pgd_steps=args.pgd_steps,
+                        threads=args.threads, quiet=args.quiet))
 
 
 def cmd_evaluate(args):
@@ -344,10 +396,18 @@ def cmd_train(args):
                        seed=args.seed, grad=grad, adv_train=args.adv_train, adv_eps=args.adv_eps,
                        adv_alpha=args.adv_alpha, adv_steps=args.adv_steps, adv_check=args.adv_check,
                        lr_schedule=args.lr_schedule)
-    mask = M.mask_config(args.mask_ratio, args.mask_mode, args.mask_scope, args.seed) if args.mask_ratio > 0 else None
     data = D.load(args.dataset, args.data_dir, split_seed=args.seed, download=args.download)
     if args.train_subset:
         data = data.take(train=args.train_subset)
+    if args.mask_mode == "learned":
+        mask = M.learned_mask_config(args.mask_l1)
+    elif args.mask_ratio > 0:
+        redraw = None if args.mask_redraw_epochs is None else \
+            args.mask_redraw_epochs * -(-len(data.y_train) // args.batch_size)
+        mask = M.mask_config(args.mask_ratio, args.mask_mode, args.mask_scope, args.seed, redraw_steps=redraw,
+                             rescale=args.mask_rescale)
+    else:
+        mask = None
     model = M.build(args.model, mask, seed=args.seed).to(distributed.device())  # cpu unless torchrun + GPUs
     say = (lambda *a: None) if args.quiet else print
     say(f"training {args.model} on {args.dataset} {data.sizes()} (mask {mask}, grad {grad or None}, "
@@ -420,7 +480,7 @@ def main(argv=None):
             args = build_parser().parse_args(argv)
         with distributed.launched():  # under torchrun: join the group, rank 0 prints; else nothing
             {"reproduce": cmd_reproduce, "train": cmd_train, "attack": cmd_attack,
-             "evaluate": cmd_evaluate, "bench": cmd_bench}[args.command](args)
+             "evaluate": cmd_evaluate, "tune": cmd_tune, "bench": cmd_bench}[args.command](args)
     except CliError as e:
         print(one_line(e), file=sys.stderr)
         return 2

@@ -1,7 +1,9 @@
 """The paper's two models (section VI), with an optional FeatureMask in front.
 
 Every row of the experiment uses the same architecture: only `model.mask`
-differs (nn.Identity when there is no masking).
+differs (nn.Identity when there is no masking; a FeatureMask for the random,
+fixed, block, blur, dropout-style and variability rows; a LearnedMask, the
+paper's soft mask of eqs. 15-17, when the mask config is {"kind": "learned", ...}).
 
     mlp: 784 -> 256 -> 128 -> 10, ReLU
     cnn: conv 32 3x3, ReLU, maxpool 2 -> conv 64 3x3, ReLU, maxpool 2 -> dense 128, ReLU -> 10
@@ -18,6 +20,7 @@ from torch import nn
 from .data import atomic_write_bytes
 
 MODELS = ("mlp", "cnn")
+INPUT_SHAPE = (1, 28, 28)  # one MNIST / Fashion-MNIST image: the shape of a learned mask
 CHECKPOINT_KIND = "fastmask-checkpoint"
 CHECKPOINT_VERSION = 1
 
@@ -38,13 +41,16 @@ def body(name):
 
 
 class Net(nn.Module):
-    """mask (FeatureMask or identity) followed by the classifier; input N x 1 x 28 x 28 in [0, 1]."""
+    """mask (FeatureMask, LearnedMask or identity) followed by the classifier; input N x 1 x 28 x 28 in [0, 1]."""
 
     def __init__(self, name, mask_cfg=None):
         super().__init__()
         self.name = name
         self.mask_cfg = dict(mask_cfg) if mask_cfg else None
-        if self.mask_cfg:
+        if is_learned(self.mask_cfg):
+            from .nn import LearnedMask
+            self.mask = LearnedMask(INPUT_SHAPE, **{k: v for k, v in self.mask_cfg.items() if k != "kind"})
+        elif self.mask_cfg:
             from .nn import FeatureMask
             self.mask = FeatureMask(**self.mask_cfg)
         else:
@@ -55,11 +61,34 @@ class Net(nn.Module):
         return self.net(self.mask(x))
 
 
-def mask_config(ratio, mode="pixel", scope="sample", seed=0):
+def mask_config(ratio, mode="pixel", scope="sample", seed=0, redraw_steps=None, rescale=False):
     """The FeatureMask config of a trained row (`fastmask train` and the reproduce rows): shared
-    channels, fill 0, mask seed = training seed + 1 (not the weights' seed), no mask in eval mode."""
-    return {"ratio": ratio, "mode": mode, "scope": scope, "channels": "shared", "fill": 0.0, "seed": seed + 1,
-            "eval_mask": "off"}
+    channels, fill 0, mask seed = training seed + 1 (not the weights' seed), no mask in eval mode.
+    redraw_steps / rescale (FeatureMask) enter the config only when set, so the configs of the
+    rows without them, and their checkpoints, are what they always were."""
+    cfg = {"ratio": ratio, "mode": mode, "scope": scope, "channels": "shared", "fill": 0.0, "seed": seed + 1,
+           "eval_mask": "off"}
+    if redraw_steps is not None:
+        cfg["redraw_steps"] = redraw_steps
+    if rescale:
+        cfg["rescale"] = True
+    return cfg
+
+
+def learned_mask_config(l1, init=3.0):
+    """The config of a LearnedMask row: lambda = l1 (>= 0) of the penalty lambda * sum |M|."""
+    from . import _checks as C
+    return {"kind": "learned", "l1": C.nonneg("l1", l1), "init": float(init)}
+
+
+def is_learned(mask_cfg):
+    return bool(mask_cfg) and mask_cfg.get("kind") == "learned"
+
+
+def has_test_mask(mask_cfg):
+    """Whether a test mask (M_test) means something: a FeatureMask config (a learned mask is
+    always applied, deterministically, so it has no separate test-mask variant)."""
+    return bool(mask_cfg) and not is_learned(mask_cfg)
 
 
 def build(name, mask_cfg=None, seed=None):
@@ -73,7 +102,7 @@ def build(name, mask_cfg=None, seed=None):
 
 def with_eval_mask(model, eval_mask):
     """A copy of a masked model whose FeatureMask does `eval_mask` ("off" / "consistent") in eval mode."""
-    if not model.mask_cfg:
+    if not has_test_mask(model.mask_cfg):
         raise ValueError(f"model {model.name!r} has no FeatureMask, so eval_mask={eval_mask!r} means nothing")
     other = Net(model.name, dict(model.mask_cfg, eval_mask=eval_mask))
     other.load_state_dict(model.state_dict())

@@ -12,6 +12,13 @@ FeatureMask draws its masks from the Philox stream (seed, offset) of fastmask.op
 - eval, eval_mask "consistent": the paper's M_test, one mask for every test image:
   scope "fixed" at offset FIXED_OFFSET. For a model trained with scope "fixed" this
   is its training mask.
+- training, redraw_steps=R (the paper's variability between epochs, eq. 20): one mask
+  for every image, as in fixed masking, redrawn every R calls: scope "fixed" at offset
+  step // R (R = k epochs x steps per epoch: redrawn every k epochs). The offsets
+  0, 1, 2, ... never reach FIXED_OFFSET, so M_test is a mask no epoch trained on.
+- rescale=True (inverted dropout, a variant of the paper's eq. 3): the kept features
+  are multiplied by 1 / (1 - ratio) wherever the mask is applied (training and M_test),
+  so that E[x'] = x for fill 0; with eval_mask "off" the input passes unscaled.
 """
 from typing import Iterable, List, Optional
 
@@ -33,12 +40,16 @@ class FeatureMask(torch.nn.Module):
     random mask per sample and call) | "fixed" (one mask throughout); channels
     "shared" | "separate"; fill: value of masked features (pixel, block); seed: the
     Philox key (give two FeatureMask layers different seeds); eval_mask: "off"
-    (no masking at eval) | "consistent" (one fixed test mask M_test at eval).
+    (no masking at eval) | "consistent" (one fixed test mask M_test at eval);
+    redraw_steps: None, or R >= 1: one mask for every image, redrawn every R calls
+    (scope "sample" only); rescale: multiply by 1 / (1 - ratio) after masking
+    (inverted dropout; ratio < 1).
     """
 
     def __init__(self, ratio: float, mode: str = "pixel", scope: str = "sample",
                  channels: str = "shared", fill: float = 0.0, seed: int = 0,
-                 eval_mask: str = "off"):
+                 eval_mask: str = "off", redraw_steps: Optional[int] = None,
+                 rescale: bool = False):
         super().__init__()
         # validate once here, with the op's own checks
         C.mask_args(ratio, mode, scope, channels)
@@ -47,6 +58,17 @@ class FeatureMask(torch.nn.Module):
         self.ratio, self.mode, self.scope, self.channels = float(ratio), mode, scope, channels
         self.fill, self.seed = float(fill), int(seed)
         self.eval_mask = C.choice("eval_mask", eval_mask, ("off", "consistent"))
+        if redraw_steps is not None:
+            C.positive_int("redraw_steps", redraw_steps)
+            if scope != "sample":
+                raise ValueError(f"redraw_steps={redraw_steps!r} needs scope='sample' (scope={scope!r} never redraws)")
+        self.redraw_steps = redraw_steps
+        if not isinstance(rescale, bool):
+            raise TypeError(f"rescale must be True or False, got {rescale!r}")
+        if rescale and self.ratio >= 1.0:
+            raise ValueError(f"ratio={self.ratio!r} with rescale=True: 1 / (1 - ratio) is infinite")
+        self.rescale = rescale
+        self._scale = 1.0 / (1.0 - self.ratio) if rescale else 1.0
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         # scope "sample" draws at offset step + stream * 2^40: fastmask.distributed sets stream to
         # the rank so that no two ranks draw the same masks (0, the default, changes nothing)
@@ -61,6 +83,10 @@ class FeatureMask(torch.nn.Module):
         return out
 
     def forward(self, x: Tensor) -> Tensor:
+        out = self._masked(x)
+        return out if self._scale == 1.0 or out is x else out * self._scale
+
+    def _masked(self, x: Tensor) -> Tensor:
         if not self.training:
             if self.eval_mask == "off":
                 return x
@@ -70,6 +96,11 @@ class FeatureMask(torch.nn.Module):
         step = self._buffers["step"]  # not self.step: Module.__getattr__ is slow (benchmarks/RESULTS.md)
         if self.scope == "fixed":
             offset = FIXED_OFFSET
+        elif self.redraw_steps is not None:  # one mask for every image (scope "fixed"), per R calls
+            offset = int(step) // self.redraw_steps
+            step.add_(1)
+            return ops.mask_apply(x, self.ratio, seed=self.seed, offset=offset, mode=self.mode,
+                                  scope="fixed", channels=self.channels, fill=self.fill)
         elif torch.compiler.is_compiling():
             # a tensor offset: one graph for every step (no recompilation per value)
             offset = step.clone() if not self.stream else step + (self.stream << 40)
@@ -92,15 +123,24 @@ class FeatureMask(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"ratio={self.ratio}, mode={self.mode!r}, scope={self.scope!r}, "
                 f"channels={self.channels!r}, fill={self.fill}, seed={self.seed}, "
-                f"eval_mask={self.eval_mask!r}")
+                f"eval_mask={self.eval_mask!r}"
+                + (f", redraw_steps={self.redraw_steps}" if self.redraw_steps is not None else "")
+                + (", rescale=True" if self.rescale else ""))
 
 
 class LearnedMask(torch.nn.Module):
     """A learnable soft mask M = sigmoid(logits) (the paper's eqs. 15-17).
 
     forward(x) = x * M (M broadcast over the batch); penalty() = l1 * sum |M|, the
-    lambda * R(M) term to add to the loss. `shape` is the feature shape, e.g.
-    (1, 28, 28); logits start at `init` (sigmoid(3) ~ 0.95: almost all kept).
+    lambda * R(M) term to add to the loss (fastmask.train adds it for every LearnedMask
+    in the model). `shape` is the feature shape, e.g. (1, 28, 28); logits start at
+    `init` (sigmoid(3) ~ 0.95: almost all kept).
+
+    The mask is not thresholded: training and test compute the same soft x * M, with
+    no randomness, so the model is deterministic at test time and an attack's gradient
+    is the exact autograd gradient of the function the model computes (no
+    straight-through or BPDA surrogate is needed, and none is used). The logits are a
+    parameter: they are in the state_dict, hence in every checkpoint.
     """
 
     def __init__(self, shape, l1: float = 1e-3, init: float = 3.0):

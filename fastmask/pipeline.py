@@ -51,8 +51,30 @@ ROWS = {  # name -> (label, mask ratio, pattern, grad manipulation, adversarial 
     "fast_at": ("FGSM adv. training (fast AT)", None, None, None, "fgsm"),
     "fast_at_random10": ("fast AT + masked 10% random", 0.1, "random", None, "fgsm"),
     "fast_at_random30": ("fast AT + masked 30% random", 0.3, "random", None, "fgsm"),
+    # the rest of the paper's masking menu (section IV); MASK_MENU says how each masks
+    "block30": ("masked 30% block (region to 0, eq. 1)", 0.3, "random", None, None),
+    "blur30": ("masked 30% blur (3x3 mean, eq. 2)", 0.3, "random", None, None),
+    "dropout30": ("dropout-style 30% (x/(1-p), eq. 3 variant)", 0.3, "random", None, None),
+    "learned_l1e-3": ("learned soft mask, lambda 1e-3 (eq. 17)", None, "learned", None, None),
+    "learned_l1e-2": ("learned soft mask, lambda 1e-2 (eq. 17)", None, "learned", None, None),
+    "random30_k2": ("masked 30% random, redrawn every 2 epochs", 0.3, "every 2 epochs", None, None),
+    # the mask chosen on the validation split by `fastmask tune` (eq. 20): ReproduceConfig.tuned
+    "tuned": ("tuned mask (fastmask tune, eq. 20)", None, "tuned", None, None),
+}
+# How the rows beyond pixel masks mask (absent: a pixel mask, cfg.mask_mode). mode: the FeatureMask mode
+# (block: one rectangle of 30 % of the pixels per image set to 0; blur: 30 % of the pixels replaced by their
+# 3x3 mean); rescale: inverted dropout, kept pixels times 1/(1-p) (the paper's eq. 3 has no rescale: a
+# stated variant); l1: a LearnedMask with lambda = l1; redraw_epochs: k, one mask for every image redrawn
+# every k epochs (the variability between epochs of eq. 20; random masking redraws every step and image,
+# fixed masking never).
+MASK_MENU = {
+    "block30": {"mode": "block"}, "blur30": {"mode": "blur"}, "dropout30": {"rescale": True},
+    "learned_l1e-3": {"l1": 1e-3}, "learned_l1e-2": {"l1": 1e-2}, "random30_k2": {"redraw_epochs": 2},
 }
 DEFAULT_ROWS = ("baseline", "random10", "random30", "random50", "fixed30", "random30_gm", "gm")
+# --rows paper-all: every masking row of the paper's menu, gradient manipulation included (not the
+# fast-AT rows, which are not in the paper: name them with --rows)
+ROW_GROUPS = {"paper-all": DEFAULT_ROWS + tuple(MASK_MENU)}
 PAPER_TABLE = {  # Table I of the paper: train acc, test acc, acc under FGSM, training time increase
     "baseline": (0.99, 0.98, 0.60, 0.00), "random10": (0.98, 0.96, 0.75, 0.05),
     "random30": (0.97, 0.94, 0.80, 0.10), "random50": (0.95, 0.92, 0.85, 0.15),
@@ -86,14 +108,15 @@ class ReproduceConfig:
     adv_eps: float = 0.1            # fast_at rows only
     lr_schedule: str = "constant"   # every row; "cyclic": Wong et al.'s 0 -> lr -> 0 per step
     n_val: int = None               # None: 10,000 (data.load's default)
+    tuned: str = None               # row "tuned": the tuned.json of `fastmask tune`
 
     def __post_init__(self):
         C.field(C.choice, "preset", self.preset, tuple(TRAIN_PRESETS))
         C.field(C.choice, "model", self.model, M.MODELS)
         C.field(C.choice, "dataset", self.dataset, D.DATASETS)
-        bad = [r for r in self.rows if r not in ROWS]
-        if bad or "baseline" not in self.rows:
-            raise ValueError(f"rows={list(self.rows)!r}: each must be one of {tuple(ROWS)} and 'baseline' is needed")
+        self.rows = expand_rows(self.rows)
+        if "tuned" in self.rows and not self.tuned:
+            raise ValueError("rows: 'tuned' needs tuned=<the tuned.json of fastmask tune> (--tuned FILE)")
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise ValueError(f"out={self.out!r} is a file, not a folder")
         if self.threads is not None:
@@ -107,14 +130,47 @@ class ReproduceConfig:
         self.rows, self.eps_list = tuple(self.rows), tuple(float(e) for e in self.eps_list)
 
 
+def expand_rows(rows):
+    """Row names with the groups of ROW_GROUPS expanded (in order, no repeats); one-line errors."""
+    if isinstance(rows, str):
+        rows = tuple(r.strip() for r in rows.split(",") if r.strip())
+    out = []
+    for r in rows:
+        for name in ROW_GROUPS.get(r, (r,)):
+            if name not in ROWS:
+                raise ValueError(f"rows={list(rows)!r}: unknown row {name!r}; the rows are {', '.join(ROWS)} "
+                                 f"and the groups {', '.join(ROW_GROUPS)}")
+            if name not in out:
+                out.append(name)
+    if "baseline" not in out:
+        raise ValueError(f"rows={list(rows)!r}: 'baseline' is needed (it fixes the paper eps)")
+    return tuple(out)
+
+
+def row_mask(name, cfg, n_train):
+    """The mask config of row `name` (None: no mask)."""
+    label, ratio, pattern, grad, adv = ROWS[name]
+    if name == "tuned":
+        from .tune import point_mask, read_tuned
+        return point_mask(read_tuned(cfg.tuned), cfg.seed, n_train, cfg.batch_size)
+    menu = MASK_MENU.get(name, {})
+    if "l1" in menu:
+        return M.learned_mask_config(menu["l1"])
+    if ratio is None:
+        return None
+    redraw = None
+    if "redraw_epochs" in menu:  # k epochs in steps of this run's batch size
+        redraw = C.positive_int("redraw_epochs", menu["redraw_epochs"]) * -(-n_train // cfg.batch_size)
+    return M.mask_config(ratio, menu.get("mode", cfg.mask_mode), "fixed" if pattern == "fixed" else "sample",
+                         cfg.seed, redraw_steps=redraw, rescale=menu.get("rescale", False))
+
+
 def row_configs(cfg, data):
     """{row: (mask_cfg or None, TrainConfig, checkpoint config)}."""
     out = {}
     for name in ["baseline"] + [r for r in cfg.rows if r != "baseline"]:  # baseline first: it fixes the paper eps
         label, ratio, pattern, grad, adv = ROWS[name]
-        mask = None
-        if ratio is not None:
-            mask = M.mask_config(ratio, cfg.mask_mode, "sample" if pattern == "random" else "fixed", cfg.seed)
+        mask = row_mask(name, cfg, len(data.y_train))
         tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer,
                            seed=cfg.seed, grad=dict(grad or {}), adv_train=adv, adv_eps=cfg.adv_eps,
                            lr_schedule=cfg.lr_schedule, adv_check=adv is not None)  # early stop: fast AT rows
@@ -185,6 +241,15 @@ def evaluate_row(model, data, cfg, x_test, x_train_eval, y_train_eval):
     return res, correct
 
 
+def config_dict(cfg):
+    """asdict(cfg) without the fields a run did not use (`tuned`), so results.json of runs without
+    them stays what it always was."""
+    d = asdict(cfg)
+    if d.get("tuned") is None:
+        d.pop("tuned", None)
+    return d
+
+
 def versions():
     from . import ops
     try:
@@ -229,16 +294,24 @@ def run_reproduce(cfg, log=print):
             example = adversarial_examples(model, x_test, data.y_test, paper_eps)
         t0 = time.perf_counter()
         res, corr = evaluate_row(model, data, cfg, x_test, x_tr, y_tr)
-        if mask is not None:  # the paper's consistent test mask M_test
+        if M.has_test_mask(mask):  # the paper's consistent test mask M_test
             mt = M.with_eval_mask(model, "consistent").eval()
             res["test_mask"], corr_mt = evaluate_row(mt, data, cfg, x_test, x_tr, y_tr)
             corr["test_mask"] = corr_mt
         label, ratio, pattern, grad, adv = ROWS[name]
+        if name == "tuned":  # what the tuning chose
+            from .tune import point_label, read_tuned
+            point = read_tuned(cfg.tuned)
+            label, ratio, pattern = f"tuned: {point_label(point)}", point["ratio"], point["pattern"]
         rows[name] = {"label": label, "ratio": ratio, "pattern": pattern, "grad_manipulation": grad,
                       "adv_train": adv, "mask": mask, "train_config": tcfg.to_dict(), "resumed": resumed,
                       "history": info["history"], "train_time_s": info["train_time"],
                       "train_cpu_time_s": info["train_cpu_time"],
                       "eval_time_s": time.perf_counter() - t0, **res}
+        if name in MASK_MENU:  # keys only the menu's rows have, so the other rows' results stay as they were
+            rows[name]["menu"] = dict(MASK_MENU[name])
+            if M.is_learned(mask):
+                rows[name]["learned_mask"] = model.mask.mask().detach().cpu().tolist()
         correct[name] = corr
         log(f"[{name}] test acc {res['clean']['accuracy']:.4f}  FGSM@{paper_eps:g} "
             f"{res['fgsm'][cfg.eps_list.index(paper_eps)]:.4f}  PGD@{paper_eps:g} "
@@ -255,7 +328,7 @@ def run_reproduce(cfg, log=print):
             r["vs_baseline"] = vs[name]
     results = {
         "paper": "Ingle and Pawale, Enhancing Adversarial Defense ... Feature Masking and Gradient Manipulation",
-        "config": asdict(cfg), "versions": versions(), "seed": cfg.seed,
+        "config": config_dict(cfg), "versions": versions(), "seed": cfg.seed,
         "data": {"dataset": cfg.dataset, "source": data.source, "sha256": data.sha256, "sizes": data.sizes(),
                  "split_seed": data.split_seed, "subset": data.subset},
         "protocol": {

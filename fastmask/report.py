@@ -12,12 +12,15 @@ matplotlib is not installed.
     fig4_precision_recall_f1.png   validation macro precision / recall / F1 per epoch
     fig5_confusion.png         test confusion matrices (baseline and the first masked row)
     fig6_accuracy_vs_eps.png   FGSM and PGD accuracy vs eps, every row
+    fig7_learned_masks.png     heat map of each learned soft mask M (learned rows only)
+    fig8_mask_modes.png        one test digit under every mask mode (when a row of the masking menu runs)
 """
 import csv
 import io
 import json
 import math
 
+import numpy as np
 import torch
 
 from pathlib import Path
@@ -228,7 +231,45 @@ def write_figures(results, out, example=None):
         a.set_ylim(0, 1)
     ax[1].legend(fontsize=7)
     done(fig, FIGURES[5])
+
+    learned = [n for n in names if rows[n].get("learned_mask") is not None]
+    if learned:  # Fig. 7: the learned soft masks
+        fig, ax = plt.subplots(1, len(learned), figsize=(3.4 * len(learned), 3.2), squeeze=False)
+        for a, n in zip(ax[0], learned):
+            im = a.imshow(np.asarray(rows[n]["learned_mask"])[0], cmap="viridis", vmin=0, vmax=1)
+            a.set_title(rows[n]["label"], fontsize=8)
+            a.axis("off")
+        fig.colorbar(im, ax=ax[0].tolist(), shrink=0.8, label="M = sigmoid(logits)")
+        done(fig, "fig7_learned_masks.png")
+    if example is not None and any(rows[n].get("menu") for n in names):  # Fig. 8
+        fig = mask_modes_figure(example["x"][:1], {n: rows[n]["learned_mask"] for n in learned}, plt)
+        done(fig, "fig8_mask_modes.png")
     return written
+
+
+def mask_modes_figure(x, learned=None, plt=None, ratio=0.3, seed=1):
+    """One digit (x: 1 x 1 x H x W in [0, 1]) under every mask mode at `ratio`: the paper's masking
+    illustrations. learned: {label: mask} (1 x H x W) of learned soft masks, shown as x * M."""
+    from . import ops
+    if plt is None:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    x = torch.as_tensor(np.asarray(x), dtype=torch.float32)
+    pct = f"{ratio:.0%}"
+    panels = [("original", x),
+              (f"random pixels {pct}", ops.mask_apply(x, ratio, seed=seed, offset=0, mode="pixel")),
+              (f"block {pct} (eq. 1)", ops.mask_apply(x, ratio, seed=seed, offset=0, mode="block")),
+              (f"blur {pct} (eq. 2)", ops.mask_apply(x, ratio, seed=seed, offset=0, mode="blur")),
+              (f"dropout {pct}, x/(1-p) (eq. 3)", ops.mask_apply(x, ratio, seed=seed, offset=0) / (1 - ratio))]
+    for label, m in (learned or {}).items():
+        panels.append((f"learned M ({label})", x * torch.as_tensor(np.asarray(m), dtype=torch.float32)))
+    fig, ax = plt.subplots(1, len(panels), figsize=(1.9 * len(panels), 2.3))
+    for a, (t, img) in zip(ax, panels):
+        a.imshow(img[0, 0].numpy(), cmap="gray", vmin=0, vmax=1)
+        a.set_title(t, fontsize=7)
+        a.axis("off")
+    return fig
 
 
 # ---------------------------------------------------------------- summary

@@ -85,7 +85,7 @@ def _verdict(c, robust):
 def reproduce_seeds(cfg, seeds=3, log=print):
     """run_reproduce for `seeds` consecutive seeds (out/seed_<s>/), then the aggregate table.md and
     results.json in cfg.out. Returns (aggregate results, [per-seed results])."""
-    from .pipeline import ReproduceConfig, run_reproduce
+    from .pipeline import ReproduceConfig, config_dict, run_reproduce
     if isinstance(cfg, dict):
         cfg = ReproduceConfig(**cfg)
     C.field(C.positive_int, "seeds", seeds)
@@ -97,7 +97,7 @@ def reproduce_seeds(cfg, seeds=3, log=print):
         per_seed.append(run_reproduce(dataclasses.replace(cfg, seed=s, out=str(Path(cfg.out) / f"seed_{s}")),
                                       log=log))
     agg = aggregate_seeds(per_seed)
-    c = dataclasses.asdict(cfg)
+    c = config_dict(cfg)
     out = {"config": c, "seeds": agg["seeds"], "aggregate": agg,
            "per_seed": {r["seed"]: {"out": str(Path(cfg.out) / f"seed_{r['seed']}"),
                                     "paper_eps": r["protocol"]["paper_eps"]} for r in per_seed}}

@@ -5,6 +5,10 @@ model (its FeatureMask draws a fresh mask in training mode), cross-entropy,
 backward, gradient manipulation (fastmask.nn.GradManipulator: clip by global
 norm, clamp, Gaussian noise, smoothing, one fused op), optimizer step. After
 each epoch the model is validated WITHOUT masking (eval mode).
+A model with fastmask.nn.LearnedMask modules (the paper's soft mask) has
+lambda * R(M) = l1 * sum |M| of each added to the cross-entropy (eq. 17): the
+mask's logits are parameters, trained by the same optimizer, and the reported
+loss includes the penalty.
 
 adv_train="fgsm" is fast adversarial training (Wong, Rice and Kolter 2020):
 x0 = x + uniform(-eps, eps) (ops.random_start), one signed-gradient step of
@@ -142,8 +146,10 @@ def train(model, data, cfg, progress=False, log=None):
         cfg = TrainConfig(**cfg)
     from . import distributed  # under torchrun: DDP, each rank a contiguous part of every global batch
     world, dev = distributed.world_size(), next(model.parameters()).device
+    from .nn import LearnedMask
     net = distributed.wrap(distributed.mask_streams(model))
     opt = make_optimizer(model, cfg)
+    learned = [m for m in model.modules() if isinstance(m, LearnedMask)]
     manip = None
     if any(v for v in (cfg.grad or {}).values()):
         from .nn import GradManipulator
@@ -179,6 +185,8 @@ def train(model, data, cfg, progress=False, log=None):
                 loss = F.cross_entropy(logits, y, reduction="sum") * (world / len(idx))
             else:
                 loss = F.cross_entropy(logits, y)
+            for m in learned:  # lambda * R(M), eq. 17
+                loss = loss + m.penalty()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if manip is not None:
