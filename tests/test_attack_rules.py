@@ -1,0 +1,183 @@
+"""The attack rules that a wrong implementation could break without changing any
+statistic the other tests look at: which restart PGD keeps per sample, what EOT
+averages, and that nested model_state() blocks never reuse a mask draw.
+
+Each expectation is rebuilt from outside the attack, from the documented rule
+(fastmask.attacks' docstrings) and the public ops, and compared exactly.
+Every new call passes everything after eps by keyword.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastmask import attacks, ops
+from fastmask.nn import FeatureMask
+
+C, D = 4, 64  # classes, input size (1 x 8 x 8)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A small MLP trained (about a second) on 4 noisy prototypes, and 300 test inputs that
+    blend the prototypes (Dirichlet weights): ambiguous points near the decision boundaries,
+    labelled by the model's clean prediction (so every sample starts correctly classified)."""
+    g = torch.Generator().manual_seed(0)
+    protos = torch.rand(C, D, generator=g)
+    y = torch.randint(0, C, (2000,), generator=g)
+    x = (protos[y] + 0.35 * torch.randn(2000, D, generator=g)).clamp(0, 1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(D, 32), nn.ReLU(), nn.Linear(32, C))
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(30):
+        for i in range(0, 2000, 100):
+            opt.zero_grad()
+            F.cross_entropy(model(x[i:i + 100]), y[i:i + 100]).backward()
+            opt.step()
+    model.eval()
+    w = torch.distributions.Dirichlet(torch.ones(C)).sample((300,))  # torch's global RNG, seeded above
+    xt = (w @ protos).view(-1, 1, 8, 8)
+    with torch.no_grad():
+        yt = model(xt).argmax(1)
+    return model, xt, yt
+
+
+def _one_restart(model, x, y, eps, alpha, steps, seed, r, targeted=False):
+    """Restart r of attacks.pgd, rebuilt from its docstring: random start with Philox (seed,
+    offset = r << 32 | batch 0), then `steps` ops.pgd_step_ along the input gradient."""
+    adv = ops.random_start(x, eps, seed=seed, offset=r << 32)
+    for _ in range(steps):
+        ops.pgd_step_(adv, x, attacks.input_grad(model, adv, y, targeted=targeted), alpha, eps)
+    return adv
+
+
+@pytest.mark.parametrize("targeted", [False, True])
+def test_restarts_keep_the_per_sample_worst_case(trained, targeted):
+    """Per sample, pgd(restarts=R) returns the restart that breaks it (the highest loss
+    among those that do), else the one with the highest loss; the first on ties."""
+    model, x, y = trained
+    if targeted:
+        y = (y + 1) % C
+    eps, alpha, steps, R, seed = 0.05, 0.0125, 1, 6, 0
+    runs = torch.stack([_one_restart(model, x, y, eps, alpha, steps, seed, r, targeted) for r in range(R)])
+    with torch.no_grad():
+        logits = torch.stack([model(a) for a in runs])  # R x N x C
+    loss = torch.stack([F.cross_entropy(lg, y, reduction="none") for lg in logits])
+    broken = logits.argmax(2) == y if targeted else logits.argmax(2) != y
+    score = -loss if targeted else loss  # what the attack maximises
+    # the rule, written out: rank (broken, score) lexicographically, the first restart on ties
+    key = broken.double() * (score.max() - score.min() + 1) + score.double()
+    choice = key.argmax(0)
+    n = torch.arange(len(y))
+    # the data must tell the rules apart, or this test proves nothing
+    assert (broken.any(0) & ~broken[0]).sum() >= 5  # single-restart PGD leaves points a restart breaks
+    assert (choice != 0).any() and (choice != R - 1).any()  # neither "keep first" nor "keep last"
+    assert (score.argmax(0) != choice).any()  # nor "rank by loss only"
+    got = attacks.pgd(model, x, y, eps, alpha=alpha, steps=steps, restarts=R, random_start=True, seed=seed,
+                      targeted=targeted)
+    assert torch.equal(got, runs[choice, n])
+    with torch.no_grad():
+        hit = model(got).argmax(1) == y if targeted else model(got).argmax(1) != y
+    assert torch.equal(hit, broken.any(0))
+
+
+def test_restarts_through_evaluate_count_every_restart(trained):
+    """robustness() with restarts: a sample is wrong under "pgd" iff some restart breaks it."""
+    from fastmask import evaluate
+    model, x, y = trained
+    eps, steps, R = 0.05, 1, 6
+    runs = [_one_restart(model, x, y, eps, 0.0125, steps, 0, r) for r in range(R)]
+    with torch.no_grad():
+        broken = torch.stack([model(a).argmax(1) != y for a in runs]).any(0)
+    out = evaluate.robustness(model, x, y, eps_list=[eps], attacks=("pgd",), pgd_steps=steps, pgd_alpha=0.0125,
+                              restarts=R, seed=0)
+    assert torch.equal(out["correct"]["pgd"][0], ~broken)
+    one = evaluate.robustness(model, x, y, eps_list=[eps], attacks=("pgd",), pgd_steps=steps, pgd_alpha=0.0125,
+                              restarts=1, seed=0)
+    with torch.no_grad():
+        broken0 = model(runs[0]).argmax(1) != y
+    assert torch.equal(one["correct"]["pgd"][0], ~broken0)
+    assert out["accuracy"]["pgd"][0] < one["accuracy"]["pgd"][0]
+
+
+# ----------------------------------------------------------------------------- EOT
+
+def _masked(trained_model, ratio=0.5, seed=3):
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mask = FeatureMask(ratio=ratio, seed=seed)
+            self.body = trained_model
+
+        def forward(self, x):
+            return self.body(self.mask(x))
+    return Masked().eval()
+
+
+def test_eot_step_follows_the_sum_of_k_fresh_draws(trained):
+    """One EOT step with samples=k moves along sign(g_1 + ... + g_k), the gradients of k
+    consecutive fresh mask draws (and the draw after them starts the next step)."""
+    base, x, y = trained
+    model = _masked(base)
+    eps, alpha, k = 0.1, 0.02, 5
+    with attacks.model_state(model, "random"):  # outermost: the k inner calls draw k different masks
+        grads = [attacks.input_grad(model, x, y, masks="random") for _ in range(k)]
+    g = grads[0].clone()
+    for gi in grads[1:]:
+        g += gi
+    want = ops.pgd_step(x, x, g, alpha, eps)
+    one = ops.pgd_step(x, x, grads[0], alpha, eps)
+    assert not torch.equal(want, one)  # the average differs from one draw's step here
+    for gi in grads[1:]:
+        assert not torch.equal(gi, grads[0])  # the draws are fresh
+    got = attacks.eot_pgd(model, x, y, eps, alpha=alpha, steps=1, samples=k, random_start=False, masks="random")
+    assert torch.equal(got, want)
+    # two steps: the second step's k draws are the next k, not the first k again
+    with attacks.model_state(model, "random"):
+        adv = x.clone()
+        for _ in range(2):
+            g = attacks.input_grad(model, adv, y, masks="random")
+            for _ in range(k - 1):
+                g += attacks.input_grad(model, adv, y, masks="random")
+            ops.pgd_step_(adv, x, g, alpha, eps)
+    got2 = attacks.eot_pgd(model, x, y, eps, alpha=alpha, steps=2, samples=k, random_start=False, masks="random")
+    assert torch.equal(got2, adv)
+
+
+def test_eot_samples_change_the_examples(trained):
+    base, x, y = trained
+    model = _masked(base)
+    kw = dict(alpha=0.02, steps=3, random_start=False, masks="random")
+    one = attacks.eot_pgd(model, x, y, 0.1, samples=1, **kw)
+    five = attacks.eot_pgd(model, x, y, 0.1, samples=5, **kw)
+    assert not torch.equal(one, five)
+
+
+# ----------------------------------------------------------------------------- nested model_state
+
+def test_nested_model_state_never_reuses_a_draw(trained):
+    """Inside an outer model_state, inner blocks (every attack and predict opens one) leave the
+    mask offsets where they got to: each forward draws a new mask. Only the outermost exit
+    restores the offsets."""
+    base, x, _ = trained
+    model = _masked(base)
+    start = [b.clone() for b in model.mask.buffers()]
+    with attacks.model_state(model, "random"):
+        a = model(x)
+        with attacks.model_state(model, "random"):
+            b = model(x)
+            with attacks.model_state(model, "random"):
+                c = model(x)
+        d = model(x)  # after two nested exits
+        assert not torch.equal(a, b) and not torch.equal(b, c) and not torch.equal(c, d)
+        assert not torch.equal(a, d) and not torch.equal(b, d)
+    assert all(torch.equal(p, q) for p, q in zip(model.mask.buffers(), start))
+    # the same through the public calls: two input gradients inside one evaluation differ
+    with attacks.model_state(model, "random"):
+        g1 = attacks.input_grad(model, x, x.new_zeros(len(x), dtype=torch.long), masks="random")
+        g2 = attacks.input_grad(model, x, x.new_zeros(len(x), dtype=torch.long), masks="random")
+    assert not torch.equal(g1, g2)
+    # and outside any block each call starts from the model's own offsets: the same draw
+    g3 = attacks.input_grad(model, x, x.new_zeros(len(x), dtype=torch.long), masks="random")
+    assert torch.equal(g3, g1)
+    assert all(torch.equal(p, q) for p, q in zip(model.mask.buffers(), start))
