@@ -1,0 +1,145 @@
+"""Mutation testing of the Python modules whose rules the tests must pin (mutmut, pinned
+by scripts/bootstrap.sh). Not part of `make test`: it runs the focused tests once per
+mutant, tens of minutes on 2 cores.
+
+    make mutation                                  # every module below
+    .venv/bin/python scripts/mutation.py stats     # one module (or several)
+
+Each module runs in its own scratch copy, build/mutation/<module>/ (the tracked
+fastmask/ and tests/ files of the work tree, the built extension beside them), so
+the work tree is never mutated and the modules do not share a mutmut cache. The
+summary (killed / survived / other per module, and every surviving mutant's
+diff) is written to build/mutation/report.md and printed; docs/reliability.md
+judges the survivors one by one.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "build" / "mutation"
+
+# module -> the tests that pin its rules (the focused selection mutmut runs per mutant)
+MODULES = {
+    "stats": ["tests/test_stats.py"],
+    "reference": ["tests/test_ops.py", "tests/test_kernels_cpu.py", "tests/test_op_rules.py"],
+    "attacks": ["tests/test_attacks.py", "tests/test_attack_rules.py"],
+    "evaluate": ["tests/test_evaluate.py", "tests/test_attack_rules.py"],
+}
+
+# mutmut runs inside this interpreter: the editable install's import hook, which maps
+# `fastmask` to the work tree, is removed first, so `import fastmask` finds the
+# mutated copy that mutmut puts first on sys.path.
+RUNNER = """
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if not type(f).__module__.startswith("_editable_skbc_")]
+sys.argv = ["mutmut"] + sys.argv[1:]
+from mutmut.__main__ import cli
+cli()
+"""
+
+
+def git_files(*paths):
+    out = subprocess.run(["git", "ls-files", *paths], cwd=ROOT, check=True, capture_output=True, text=True)
+    return [p for p in out.stdout.split() if (ROOT / p).is_file()]
+
+
+def extension():
+    import fastmask._C as C  # the built extension of this work tree's venv
+    return Path(C.__file__)
+
+
+def pyproject(module, tests):
+    return "\n".join([
+        "[tool.pytest.ini_options]",
+        'markers = ["slow: long-running", "cuda: needs a CUDA device"]',
+        "",
+        "[tool.mutmut]",
+        'source_paths = ["fastmask"]',
+        f'only_mutate = ["fastmask/{module}.py"]',
+        f"pytest_add_cli_args_test_selection = {json.dumps(tests)}",
+        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-m", "not slow and not cuda"]',
+        "",
+    ])
+
+
+def run_module(module, python):
+    work = OUT / module
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    tests = [t for t in MODULES[module] if (ROOT / t).is_file()]
+    for p in git_files("fastmask", "tests"):
+        (work / p).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / p, work / p)
+    shutil.copy2(extension(), work / "fastmask" / extension().name)
+    (work / "pyproject.toml").write_text(pyproject(module, tests))
+    env = dict(os.environ, FASTMASK_REQUIRE_EXT="1", PYTHONDONTWRITEBYTECODE="1")
+    t0 = time.time()
+    with open(work / "mutmut.log", "w") as log:
+        rc = subprocess.run([python, "-c", RUNNER, "run"], cwd=work, env=env, stdout=log,
+                            stderr=subprocess.STDOUT).returncode
+    return rc, time.time() - t0
+
+
+STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped",
+          36: "timeout", 24: "timeout", -24: "timeout", 152: "timeout", 255: "timeout", None: "not checked"}
+
+
+def results(module, python):
+    meta = OUT / module / "mutants" / "fastmask" / f"{module}.py.meta"
+    codes = json.loads(meta.read_text())["exit_code_by_key"] if meta.exists() else {}
+    by = {}
+    for name, code in sorted(codes.items()):
+        by.setdefault(STATUS.get(code, "suspicious"), []).append(name)
+    diffs = {}
+    for name in by.get("survived", []):
+        out = subprocess.run([python, "-c", RUNNER, "show", name], cwd=OUT / module, capture_output=True,
+                             text=True)
+        diffs[name] = out.stdout.strip()
+    return by, diffs
+
+
+def main(argv):
+    mods = argv or list(MODULES)
+    bad = [m for m in mods if m not in MODULES]
+    if bad:
+        raise SystemExit(f"module must be one of {list(MODULES)}, got {bad}")
+    python = sys.executable
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "fastmask", "tests"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    lines = [f"# Mutation report (mutmut, commit {commit}{' + uncommitted changes' if dirty else ''})", "",
+             "| module | mutants | killed | survived | other | kill rate | minutes | tests |",
+             "|---|---|---|---|---|---|---|---|"]
+    detail = []
+    for m in mods:
+        rc, secs = run_module(m, python)
+        by, diffs = results(m, python)
+        total = sum(len(v) for v in by.values())
+        killed, survived = len(by.get("killed", [])), len(by.get("survived", []))
+        other = {k: len(v) for k, v in by.items() if k not in ("killed", "survived")}
+        rate = f"{killed / total:.1%}" if total else "-"
+        lines.append(f"| {m} | {total} | {killed} | {survived} | {other or 0} | {rate} | {secs / 60:.1f} | "
+                     f"{' '.join(MODULES[m])} |")
+        if rc != 0:
+            detail.append(f"\nmutmut exited {rc} for {m}: see build/mutation/{m}/mutmut.log")
+        for k, names in by.items():
+            if k not in ("killed", "survived"):
+                detail.append(f"\n{m}: {k}: {' '.join(names)}")
+        for name, diff in diffs.items():
+            detail += ["", f"## survived: {name}", "", "```diff", diff, "```"]
+        print(lines[-1], flush=True)
+    report = "\n".join(lines + detail) + "\n"
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "report.md").write_text(report)
+    print(report)
+    print(f"wrote {OUT / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
