@@ -63,6 +63,8 @@ def pyproject(module, tests):
         f'only_mutate = ["fastmask/{module}.py"]',
         f"pytest_add_cli_args_test_selection = {json.dumps(tests)}",
         'pytest_add_cli_args = ["-p", "no:cacheprovider", "-m", "not slow and not cuda"]',
+        # torch (OpenMP) is not fork-safe once it has run: workers fork from a clean server
+        'process_isolation = "forkserver"',
         "",
     ])
 
