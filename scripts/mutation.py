@@ -25,11 +25,17 @@ OUT = ROOT / "build" / "mutation"
 
 # module -> the tests that pin its rules (the focused selection mutmut runs per mutant)
 MODULES = {
-    "stats": ["tests/test_stats.py"],
+    "stats": ["tests/test_stats.py", "tests/test_stats_edges.py"],
     "reference": ["tests/test_ops.py", "tests/test_kernels_cpu.py", "tests/test_op_rules.py"],
     "attacks": ["tests/test_attacks.py", "tests/test_attack_rules.py"],
     "evaluate": ["tests/test_evaluate.py", "tests/test_attack_rules.py"],
 }
+# tests left out of a module's selection: the comparisons with torchattacks / ART (seconds
+# of import each, per mutant) pin the attack arithmetic, which the other tests pin too
+DESELECT = {"attacks": "not equal_torchattacks and not equal_art",
+            "evaluate": "not equal_torchattacks and not equal_art",
+            # subprocesses import the work tree, not the mutated copy
+            "reference": "not on_every_isa and not simd_paths and not subprocess"}
 
 # mutmut runs inside this interpreter: the editable install's import hook, which maps
 # `fastmask` to the work tree, is removed first, so `import fastmask` finds the
@@ -49,11 +55,16 @@ def git_files(*paths):
 
 
 def extension():
-    import fastmask._C as C  # the built extension of this work tree's venv
+    """The built extension of this work tree's venv (FASTMASK_MUTATION_EXT: another build of
+    it, e.g. a clean copy while the work tree's build is being changed)."""
+    if os.environ.get("FASTMASK_MUTATION_EXT"):
+        return Path(os.environ["FASTMASK_MUTATION_EXT"])
+    import fastmask._C as C
     return Path(C.__file__)
 
 
 def pyproject(module, tests):
+    select = ["-k", DESELECT[module]] if module in DESELECT else []
     return "\n".join([
         "[tool.pytest.ini_options]",
         'markers = ["slow: long-running", "cuda: needs a CUDA device"]',
@@ -62,9 +73,12 @@ def pyproject(module, tests):
         'source_paths = ["fastmask"]',
         f'only_mutate = ["fastmask/{module}.py"]',
         f"pytest_add_cli_args_test_selection = {json.dumps(tests)}",
-        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-m", "not slow and not cuda"]',
+        f'pytest_add_cli_args = {json.dumps(["-p", "no:cacheprovider", "-m", "not slow and not cuda"] + select)}',
         # torch (OpenMP) is not fork-safe once it has run: workers fork from a clean server
         'process_isolation = "forkserver"',
+        # mutmut's limit is CPU time; module-scoped fixtures (a model trained once) are
+        # charged to whichever test runs first, so allow a fixed 20 s on top
+        "timeout_constant = 20.0",
         "",
     ])
 
@@ -77,15 +91,19 @@ def run_module(module, python):
     for p in git_files("fastmask", "tests"):
         (work / p).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / p, work / p)
-    shutil.copy2(extension(), work / "fastmask" / extension().name)
+    shutil.copy2(extension(), work / "fastmask" / EXT_NAME)
     (work / "pyproject.toml").write_text(pyproject(module, tests))
-    env = dict(os.environ, FASTMASK_REQUIRE_EXT="1", PYTHONDONTWRITEBYTECODE="1")
+    # one torch thread: CPU time = wall time (mutmut's timeout counts CPU), and no OpenMP pool
+    env = dict(os.environ, FASTMASK_REQUIRE_EXT="1", PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1",
+               MKL_NUM_THREADS="1")
     t0 = time.time()
     with open(work / "mutmut.log", "w") as log:
         rc = subprocess.run([python, "-c", RUNNER, "run"], cwd=work, env=env, stdout=log,
                             stderr=subprocess.STDOUT).returncode
     return rc, time.time() - t0
 
+
+EXT_NAME = "_C" + __import__("sysconfig").get_config_var("EXT_SUFFIX")
 
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped",
           36: "timeout", 24: "timeout", -24: "timeout", 152: "timeout", 255: "timeout", None: "not checked"}
