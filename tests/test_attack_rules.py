@@ -6,6 +6,8 @@ Each expectation is rebuilt from outside the attack, from the documented rule
 (fastmask.attacks' docstrings) and the public ops, and compared exactly.
 Every new call passes everything after eps by keyword.
 """
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,13 +19,14 @@ from fastmask.nn import FeatureMask
 C, D = 4, 64  # classes, input size (1 x 8 x 8)
 
 
-@pytest.fixture(scope="module")
-def trained():
-    """A small MLP trained (about a second) on 4 noisy prototypes, and 300 test inputs that
-    blend the prototypes (Dirichlet weights): ambiguous points near the decision boundaries,
-    labelled by the model's clean prediction (so every sample starts correctly classified)."""
-    g = torch.Generator().manual_seed(0)
-    protos = torch.rand(C, D, generator=g)
+CHECKPOINT = Path(__file__).parent / "data" / "attack_rules_mlp.pt"
+
+
+def train_mlp(protos):
+    """The recipe of tests/data/attack_rules_mlp.pt: a 64-32-4 MLP trained (about a second)
+    on 2000 noisy copies of the 4 prototypes. Regenerate with
+    `python -c "import test_attack_rules as t; t.save_checkpoint()"` from tests/."""
+    g = torch.Generator().manual_seed(1)
     y = torch.randint(0, C, (2000,), generator=g)
     x = (protos[y] + 0.35 * torch.randn(2000, D, generator=g)).clamp(0, 1)
     torch.manual_seed(0)
@@ -34,9 +37,31 @@ def trained():
             opt.zero_grad()
             F.cross_entropy(model(x[i:i + 100]), y[i:i + 100]).backward()
             opt.step()
+    return model.eval()
+
+
+def _prototypes():
+    return torch.rand(C, D, generator=torch.Generator().manual_seed(0))
+
+
+def save_checkpoint():
+    torch.save(train_mlp(_prototypes()).state_dict(), CHECKPOINT)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A trained MLP (the committed checkpoint: training weights differ across CPUs and thread
+    counts, and the mutation job runs these tests once per mutant) and 300 test inputs that
+    blend its 4 prototypes with weights near 1/4 each: ambiguous points near the junction
+    of the classes, where a broken restart can have a lower loss than an unbroken one;
+    labelled by the model's clean prediction (every sample starts correct)."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(D, 32), nn.ReLU(), nn.Linear(32, C))
+    model.load_state_dict(torch.load(CHECKPOINT, weights_only=True))
     model.eval()
-    w = torch.distributions.Dirichlet(torch.ones(C)).sample((300,))  # torch's global RNG, seeded above
-    xt = (w @ protos).view(-1, 1, 8, 8)
+    with torch.random.fork_rng():  # near the 4-class junction: Dirichlet(30, 30, 30, 30) weights
+        torch.manual_seed(2)
+        w = torch.distributions.Dirichlet(torch.full((C,), 30.0)).sample((300,))
+    xt = (w @ _prototypes()).view(-1, 1, 8, 8)
     with torch.no_grad():
         yt = model(xt).argmax(1)
     return model, xt, yt
@@ -181,3 +206,59 @@ def test_nested_model_state_never_reuses_a_draw(trained):
     g3 = attacks.input_grad(model, x, x.new_zeros(len(x), dtype=torch.long), masks="random")
     assert torch.equal(g3, g1)
     assert all(torch.equal(p, q) for p, q in zip(model.mask.buffers(), start))
+
+
+# ----------------------------------------------------------------------------- make_attack
+
+def test_make_attack_passes_every_setting(trained):
+    """make_attack(name, eps, **settings)(model, x, y) is the named attack called with the same
+    settings: box, batch size, masks, restarts, samples, seed (a randomized model, a box other
+    than [0, 1] and batches, so that each setting changes the examples)."""
+    base, x, y = trained
+    model = _masked(base)
+    x, y = x[:40], y[:40]
+    box = dict(lo=0.1, hi=0.9, batch_size=16)
+    common = dict(alpha=0.02, steps=2, seed=5, restarts=2, **box)
+    for name, direct in [
+            ("fgsm", lambda: attacks.fgsm(model, x, y, 0.1, masks="random", **box)),
+            ("pgd", lambda: attacks.pgd(model, x, y, 0.1, masks="random", **common)),
+            ("pgd_l2", lambda: attacks.pgd(model, x, y, 0.1, norm="2", masks="random", **common)),
+            ("eot", lambda: attacks.eot_pgd(model, x, y, 0.1, samples=3, masks="random", **common)),
+            ("frozen", lambda: attacks.pgd_frozen_mask(model, x, y, 0.1, **common))]:
+        atk = attacks.make_attack(name, 0.1, steps=2, alpha=0.02, restarts=2, samples=3, seed=5,
+                                  masks="random", **box)
+        assert torch.equal(atk(model, x, y), direct()), name
+    # each setting matters here (else the equalities above would prove nothing)
+    pgd = lambda **kw: attacks.pgd(model, x, y, 0.1, **dict(dict(masks="random", **common), **kw))  # noqa: E731
+    ref = pgd()
+    for change in (dict(lo=0.0), dict(hi=1.0), dict(batch_size=None), dict(masks="model"), dict(seed=6),
+                   dict(restarts=1)):
+        assert not torch.equal(pgd(**change), ref), change
+    # eot defaults to random masks, and alpha defaults to 2.5 eps / steps
+    assert torch.equal(attacks.make_attack("eot", 0.1, steps=2, samples=3, seed=5)(model, x, y),
+                       attacks.eot_pgd(model, x, y, 0.1, alpha=0.125, steps=2, samples=3, seed=5, masks="random"))
+    assert torch.equal(attacks.make_attack("frozen", 0.1, steps=4)(model, x, y),
+                       attacks.pgd_frozen_mask(model, x, y, 0.1, alpha=0.0625, steps=4, seed=0))
+
+
+def test_frozen_mask_pgd_settings(trained):
+    """pgd_frozen_mask honours targeted and batch_size like pgd (one frozen draw per batch)."""
+    base, x, y = trained
+    model = _masked(base)
+    x, y = x[:40], y[:40]
+    kw = dict(alpha=0.02, steps=3, seed=1)
+    t = (y + 1) % C
+    tgt = attacks.pgd_frozen_mask(model, x, t, 0.1, targeted=True, **kw)
+    assert not torch.equal(tgt, attacks.pgd_frozen_mask(model, x, t, 0.1, **kw))
+    with attacks.model_state(model, "frozen"):  # targeted: the loss to the target goes down
+        assert F.cross_entropy(model(tgt), t) < F.cross_entropy(model(x), t)
+    assert not torch.equal(attacks.pgd_frozen_mask(model, x, y, 0.1, batch_size=16, **kw),
+                           attacks.pgd_frozen_mask(model, x, y, 0.1, **kw))
+
+
+def test_transfer_errors_name_the_problem(trained):
+    model, x, y = trained
+    with pytest.raises(ValueError, match="^transfer needs a surrogate other than the attacked model$"):
+        attacks.transfer(model, model, x, y, attacks.make_attack("fgsm", 0.1))
+    with pytest.raises(TypeError, match=r"^attack must be callable as attack\(model, x, y\), got 3$"):
+        attacks.transfer(_masked(model), model, x, y, 3)
