@@ -241,8 +241,8 @@ def test_make_attack_passes_every_setting(trained):
                        attacks.pgd_frozen_mask(model, x, y, 0.1, alpha=0.0625, steps=4, seed=0))
 
 
-def test_frozen_mask_pgd_settings(trained):
-    """pgd_frozen_mask honours targeted and batch_size like pgd (one frozen draw per batch)."""
+def test_frozen_mask_and_eot_settings(trained):
+    """pgd_frozen_mask and eot_pgd honour targeted and batch_size like pgd."""
     base, x, y = trained
     model = _masked(base)
     x, y = x[:40], y[:40]
@@ -254,6 +254,12 @@ def test_frozen_mask_pgd_settings(trained):
         assert F.cross_entropy(model(tgt), t) < F.cross_entropy(model(x), t)
     assert not torch.equal(attacks.pgd_frozen_mask(model, x, y, 0.1, batch_size=16, **kw),
                            attacks.pgd_frozen_mask(model, x, y, 0.1, **kw))
+    # the same for EOT
+    kw = dict(alpha=0.02, steps=2, seed=1, samples=2)
+    tgt = attacks.eot_pgd(model, x, t, 0.1, targeted=True, **kw)
+    assert not torch.equal(tgt, attacks.eot_pgd(model, x, t, 0.1, **kw))
+    assert not torch.equal(attacks.eot_pgd(model, x, y, 0.1, batch_size=16, **kw),
+                           attacks.eot_pgd(model, x, y, 0.1, **kw))
 
 
 def test_transfer_errors_name_the_problem(trained):
