@@ -4,6 +4,7 @@ mutant, tens of minutes on 2 cores.
 
     make mutation                                  # every module below
     .venv/bin/python scripts/mutation.py stats     # one module (or several)
+    .venv/bin/python scripts/mutation.py --report  # the report of the runs already done
 
 Each module runs in its own scratch copy, build/mutation/<module>/ (the tracked
 fastmask/ and tests/ files of the work tree, the built extension beside them), so
@@ -28,7 +29,7 @@ MODULES = {
     "stats": ["tests/test_stats.py", "tests/test_stats_edges.py"],
     "reference": ["tests/test_ops.py", "tests/test_kernels_cpu.py", "tests/test_op_rules.py"],
     "attacks": ["tests/test_attacks.py", "tests/test_attack_rules.py"],
-    "evaluate": ["tests/test_evaluate.py", "tests/test_attack_rules.py"],
+    "evaluate": ["tests/test_evaluate.py", "tests/test_evaluate_rules.py", "tests/test_attack_rules.py"],
 }
 # tests left out of a module's selection: the comparisons with torchattacks / ART (seconds
 # of import each, per mutant) pin the attack arithmetic, which the other tests pin too
@@ -124,7 +125,8 @@ def results(module, python):
 
 
 def main(argv):
-    mods = argv or list(MODULES)
+    report_only = argv == ["--report"]  # rebuild the report from the runs already done
+    mods = [] if report_only else argv or list(MODULES)
     bad = [m for m in mods if m not in MODULES]
     if bad:
         raise SystemExit(f"module must be one of {list(MODULES)}, got {bad}")
@@ -139,21 +141,28 @@ def main(argv):
     detail = []
     for m in mods:
         rc, secs = run_module(m, python)
+        (OUT / m / "run.json").write_text(json.dumps({"rc": rc, "minutes": round(secs / 60, 1),
+                                                      "commit": commit, "dirty": bool(dirty)}))
+        print(f"{m}: mutmut exited {rc} after {secs / 60:.1f} min", flush=True)
+    # the report covers every module run so far (a rerun of one module replaces its rows)
+    for m in MODULES:
+        if not (OUT / m / "run.json").exists():
+            continue
+        run = json.loads((OUT / m / "run.json").read_text())
         by, diffs = results(m, python)
         total = sum(len(v) for v in by.values())
         killed, survived = len(by.get("killed", [])), len(by.get("survived", []))
         other = {k: len(v) for k, v in by.items() if k not in ("killed", "survived")}
         rate = f"{killed / total:.1%}" if total else "-"
-        lines.append(f"| {m} | {total} | {killed} | {survived} | {other or 0} | {rate} | {secs / 60:.1f} | "
-                     f"{' '.join(MODULES[m])} |")
-        if rc != 0:
-            detail.append(f"\nmutmut exited {rc} for {m}: see build/mutation/{m}/mutmut.log")
+        lines.append(f"| {m} | {total} | {killed} | {survived} | {other or 0} | {rate} | {run['minutes']} | "
+                     f"{' '.join(MODULES[m])} (commit {run['commit']}{' +' if run['dirty'] else ''}) |")
+        if run["rc"] != 0:
+            detail.append(f"\nmutmut exited {run['rc']} for {m}: see build/mutation/{m}/mutmut.log")
         for k, names in by.items():
             if k not in ("killed", "survived"):
                 detail.append(f"\n{m}: {k}: {' '.join(names)}")
         for name, diff in diffs.items():
             detail += ["", f"## survived: {name}", "", "```diff", diff, "```"]
-        print(lines[-1], flush=True)
     report = "\n".join(lines + detail) + "\n"
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "report.md").write_text(report)
