@@ -5,6 +5,7 @@ mutant, tens of minutes on 2 cores.
     make mutation                                  # every module below
     .venv/bin/python scripts/mutation.py stats     # one module (or several)
     .venv/bin/python scripts/mutation.py --report  # the report of the runs already done
+    .venv/bin/python scripts/mutation.py 'reference=x_pgd_step*,x_mask_generate*'   # some functions
 
 Each module runs in its own scratch copy, build/mutation/<module>/ (the tracked
 fastmask/ and tests/ files of the work tree, the built extension beside them), so
@@ -84,7 +85,7 @@ def pyproject(module, tests):
     ])
 
 
-def run_module(module, python):
+def run_module(module, python, patterns=()):
     work = OUT / module
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -99,7 +100,8 @@ def run_module(module, python):
                MKL_NUM_THREADS="1")
     t0 = time.time()
     with open(work / "mutmut.log", "w") as log:
-        rc = subprocess.run([python, "-c", RUNNER, "run"], cwd=work, env=env, stdout=log,
+        names = [f"fastmask.{module}.{p}" for p in patterns]  # e.g. x_pgd_step*: only those mutants
+        rc = subprocess.run([python, "-c", RUNNER, "run", *names], cwd=work, env=env, stdout=log,
                             stderr=subprocess.STDOUT).returncode
     return rc, time.time() - t0
 
@@ -126,7 +128,9 @@ def results(module, python):
 
 def main(argv):
     report_only = argv == ["--report"]  # rebuild the report from the runs already done
-    mods = [] if report_only else argv or list(MODULES)
+    # MODULE or MODULE=PATTERN,PATTERN (mutmut names of the functions to mutate, e.g. x_pgd_step*)
+    picks = [] if report_only else [a.partition("=") for a in argv or list(MODULES)]
+    mods = [m for m, _, _ in picks]
     bad = [m for m in mods if m not in MODULES]
     if bad:
         raise SystemExit(f"module must be one of {list(MODULES)}, got {bad}")
@@ -139,10 +143,12 @@ def main(argv):
              "| module | mutants | killed | survived | other | kill rate | minutes | tests |",
              "|---|---|---|---|---|---|---|---|"]
     detail = []
-    for m in mods:
-        rc, secs = run_module(m, python)
+    for m, _, pats in picks:
+        patterns = [p for p in pats.split(",") if p]
+        rc, secs = run_module(m, python, patterns)
         (OUT / m / "run.json").write_text(json.dumps({"rc": rc, "minutes": round(secs / 60, 1),
-                                                      "commit": commit, "dirty": bool(dirty)}))
+                                                      "commit": commit, "dirty": bool(dirty),
+                                                      "only": patterns}))
         print(f"{m}: mutmut exited {rc} after {secs / 60:.1f} min", flush=True)
     # the report covers every module run so far (a rerun of one module replaces its rows)
     for m in MODULES:
@@ -152,14 +158,16 @@ def main(argv):
         by, diffs = results(m, python)
         total = sum(len(v) for v in by.values())
         killed, survived = len(by.get("killed", [])), len(by.get("survived", []))
-        other = {k: len(v) for k, v in by.items() if k not in ("killed", "survived")}
-        rate = f"{killed / total:.1%}" if total else "-"
-        lines.append(f"| {m} | {total} | {killed} | {survived} | {other or 0} | {rate} | {run['minutes']} | "
-                     f"{' '.join(MODULES[m])} (commit {run['commit']}{' +' if run['dirty'] else ''}) |")
+        other = {k: len(v) for k, v in by.items() if k not in ("killed", "survived", "not checked")}
+        checked = total - len(by.get("not checked", []))
+        rate = f"{killed / checked:.1%}" if checked else "-"
+        only = f", only {' '.join(run['only'])}: {checked} of {total} mutants" if run.get("only") else ""
+        lines.append(f"| {m} | {checked} | {killed} | {survived} | {other or 0} | {rate} | {run['minutes']} | "
+                     f"{' '.join(MODULES[m])} (commit {run['commit']}{' +' if run['dirty'] else ''}{only}) |")
         if run["rc"] != 0:
             detail.append(f"\nmutmut exited {run['rc']} for {m}: see build/mutation/{m}/mutmut.log")
         for k, names in by.items():
-            if k not in ("killed", "survived"):
+            if k not in ("killed", "survived", "not checked"):
                 detail.append(f"\n{m}: {k}: {' '.join(names)}")
         for name, diff in diffs.items():
             detail += ["", f"## survived: {name}", "", "```diff", diff, "```"]
