@@ -268,3 +268,19 @@ def test_transfer_errors_name_the_problem(trained):
         attacks.transfer(model, model, x, y, attacks.make_attack("fgsm", 0.1))
     with pytest.raises(TypeError, match=r"^attack must be callable as attack\(model, x, y\), got 3$"):
         attacks.transfer(_masked(model), model, x, y, 3)
+
+
+def test_input_grad_batches_and_eot_mask_choice(trained):
+    """input_grad checks and honours batch_size (random masks: each batch's forward draws
+    its own masks); make_attack("eot", masks="frozen") keeps the frozen mask."""
+    base, x, y = trained
+    model = _masked(base)
+    x, y = x[:40], y[:40]
+    with pytest.raises(ValueError, match="^batch_size must be an integer >= 1, got 0$"):
+        attacks.input_grad(model, x, y, batch_size=0)
+    assert not torch.equal(attacks.input_grad(model, x, y, masks="random", batch_size=16),
+                           attacks.input_grad(model, x, y, masks="random"))
+    kw = dict(steps=2, alpha=0.02, samples=2, seed=3)
+    frozen = attacks.eot_pgd(model, x, y, 0.1, masks="frozen", **kw)
+    assert torch.equal(attacks.make_attack("eot", 0.1, masks="frozen", **kw)(model, x, y), frozen)
+    assert not torch.equal(frozen, attacks.eot_pgd(model, x, y, 0.1, masks="random", **kw))
