@@ -284,3 +284,59 @@ def test_input_grad_batches_and_eot_mask_choice(trained):
     frozen = attacks.eot_pgd(model, x, y, 0.1, masks="frozen", **kw)
     assert torch.equal(attacks.make_attack("eot", 0.1, masks="frozen", **kw)(model, x, y), frozen)
     assert not torch.equal(frozen, attacks.eot_pgd(model, x, y, 0.1, masks="random", **kw))
+
+
+def _rebuilt_pgd(model, x, y, eps, alpha, steps, *, seed=0, norm="inf", lo=0.0, hi=1.0, targeted=False,
+                 masks="model", samples=1):
+    """attacks.pgd / eot_pgd with one restart and one batch, rebuilt from the public ops: random
+    start (seed, offset 0), then per step the sum of `samples` input gradients (each a fresh
+    draw under masks="random": they run inside one outer model_state)."""
+    with attacks.model_state(model, masks):
+        adv = ops.random_start(x, eps, seed=seed, offset=0, norm=norm, lo=lo, hi=hi)
+        for _ in range(steps):
+            g = attacks.input_grad(model, adv, y, targeted=targeted, masks=masks)
+            for _ in range(samples - 1):
+                g += attacks.input_grad(model, adv, y, targeted=targeted, masks=masks)
+            ops.pgd_step_(adv, x, g, alpha, eps, lo, hi, norm)
+    return adv
+
+
+def test_pgd_and_eot_equal_their_rebuilt_steps(trained):
+    """Each setting reaches the steps: the L2 ball (random start included), a box other than
+    [0, 1] (random start included), targeted (every EOT draw too), random masks (one draw per
+    PGD step, k per EOT step)."""
+    base, x, y = trained
+    model = _masked(base)
+    x, y = x[:40], y[:40]
+    t = (y + 1) % C
+    cases = [(base, y, dict(norm="2"), 0.5), (base, y, dict(lo=0.3, hi=0.7), 0.1),
+             (base, y, dict(norm="2", lo=0.3, hi=0.7), 0.5), (base, t, dict(targeted=True), 0.1),
+             (model, y, dict(masks="random"), 0.1)]
+    for net, lab, kw, eps in cases:
+        want = _rebuilt_pgd(net, x, lab, eps, eps / 4, 2, seed=4, **kw)
+        got = attacks.pgd(net, x, lab, eps, alpha=eps / 4, steps=2, random_start=True, seed=4, **kw)
+        assert torch.equal(got, want), kw
+    for kw in (dict(masks="random"), dict(masks="random", targeted=True)):
+        lab = t if kw.get("targeted") else y
+        want = _rebuilt_pgd(model, x, lab, 0.1, 0.025, 2, seed=4, samples=3, **kw)
+        got = attacks.eot_pgd(model, x, lab, 0.1, alpha=0.025, steps=2, samples=3, random_start=True, seed=4, **kw)
+        assert torch.equal(got, want), kw
+    # "linf" / "l2" name the same norms
+    assert torch.equal(attacks.pgd(base, x, y, 0.1, alpha=0.02, steps=2, norm="Linf"),
+                       attacks.pgd(base, x, y, 0.1, alpha=0.02, steps=2, norm="inf"))
+    assert torch.equal(attacks.pgd(base, x, y, 0.5, alpha=0.1, steps=2, norm="L2"),
+                       attacks.pgd(base, x, y, 0.5, alpha=0.1, steps=2, norm=2))
+
+
+def test_fgsm_settings(trained):
+    base, x, y = trained
+    model = _masked(base)
+    x, y = x[:40], y[:40]
+    g = attacks.input_grad(base, x, y)
+    assert torch.equal(attacks.fgsm(base, x, y, 0.1, lo=0.3, hi=0.7), ops.fgsm(x, g, 0.1, 0.3, 0.7))
+    assert torch.equal(attacks.fgsm(base, x, y, 0.1, targeted=True), ops.fgsm(x, -g, 0.1, 0.0, 1.0))
+    rnd = attacks.fgsm(model, x, y, 0.1, masks="random")
+    with attacks.model_state(model, "random"):
+        assert torch.equal(rnd, ops.fgsm(x, attacks.input_grad(model, x, y, masks="random"), 0.1, 0.0, 1.0))
+    assert not torch.equal(rnd, attacks.fgsm(model, x, y, 0.1, masks="model"))
+    assert not torch.equal(rnd, attacks.fgsm(model, x, y, 0.1, masks="random", batch_size=16))
