@@ -121,3 +121,19 @@ def test_pgd_l2_projects_then_clamps(backend, dtype, rtol, lo, hi):
         xi = xa.clone()
         ops.pgd_step_(xi, xn, grad, alpha, eps, lo=lo, hi=hi, norm="2")
         assert torch.equal(xi, got)
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e-4), (torch.float32, 1e20), (torch.float16, 300.0),
+                                         (torch.float64, 1e-9)])
+def test_pgd_l2_step_length_for_any_gradient_size(backend, dtype, scale):
+    """The step is alpha along grad / ||grad|| whatever ||grad|| is: tiny (below 1), or so large
+    that its square overflows the dtype (the norms are float64: docs/ops.md)."""
+    g = torch.Generator().manual_seed(5)
+    xn = (0.5 + 0.01 * torch.randn(3, 40, generator=g, dtype=torch.float64)).to(dtype)
+    grad = (scale * torch.randn(3, 40, generator=g, dtype=torch.float64)).to(dtype)
+    got = ops.pgd_step(xn, xn, grad, 0.2, 10.0, lo=-10.0, hi=10.0, norm="2")
+    want = pgd_l2_oracle(*[a.double().numpy() for a in (xn, xn, grad)], 0.2, 10.0, -10.0, 10.0)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(got.double(), torch.from_numpy(want), rtol=tol, atol=tol)
+    step = (got.double() - xn.double()).norm(dim=1)
+    assert torch.allclose(step, torch.full_like(step, 0.2), rtol=10 * tol, atol=10 * tol)
