@@ -340,3 +340,38 @@ def test_fgsm_settings(trained):
         assert torch.equal(rnd, ops.fgsm(x, attacks.input_grad(model, x, y, masks="random"), 0.1, 0.0, 1.0))
     assert not torch.equal(rnd, attacks.fgsm(model, x, y, 0.1, masks="model"))
     assert not torch.equal(rnd, attacks.fgsm(model, x, y, 0.1, masks="random", batch_size=16))
+
+
+def test_two_restarts_and_argument_checks(trained):
+    """restarts=2 keeps the per-sample worst of the two (not the first); the checks name the
+    argument and value; norm aliases; restarts > 1 needs a random start."""
+    model, x, y = trained
+    runs = torch.stack([_one_restart(model, x, y, 0.05, 0.0125, 1, 0, r) for r in range(2)])
+    with torch.no_grad():
+        logits = torch.stack([model(a) for a in runs])
+    loss = torch.stack([F.cross_entropy(lg, y, reduction="none") for lg in logits])
+    broken = logits.argmax(2) != y
+    second = (broken[1] & ~broken[0]) | ((broken[1] == broken[0]) & (loss[1] > loss[0]))
+    assert second.any() and not second.all()
+    got = attacks.pgd(model, x, y, 0.05, alpha=0.0125, steps=1, restarts=2, random_start=True, seed=0)
+    assert torch.equal(got, torch.where(second[:, None, None, None], runs[1], runs[0]))
+    kw = dict(alpha=0.01, steps=1)
+    for bad, msg in [(dict(steps=0), "steps must be an integer >= 1, got 0"),
+                     (dict(steps=2.5), "steps must be an integer >= 1, got 2.5"),
+                     (dict(steps=True), "steps must be an integer >= 1, got True"),
+                     (dict(restarts=0), "restarts must be an integer >= 1, got 0"),
+                     (dict(batch_size=0), "batch_size must be an integer >= 1, got 0"),
+                     (dict(restarts=2, random_start=False),
+                      "restarts=2 needs random_start=True (restarts from x itself are identical)")]:
+        with pytest.raises(ValueError) as info:
+            attacks.pgd(model, x, y, 0.1, **dict(kw, **bad))
+        assert str(info.value) == msg
+    with pytest.raises(ValueError) as info:
+        attacks.eot_pgd(model, x, y, 0.1, samples=0, **kw)
+    assert str(info.value) == "samples must be an integer >= 1, got 0"
+    with pytest.raises(ValueError) as info:
+        attacks.pgd(model, x, y, 0.1, norm="l1", **kw)
+    assert str(info.value) == "norm must be 'inf' or '2', got 'l1'"
+    l2 = attacks.pgd(model, x, y, 0.5, alpha=0.1, steps=1, norm="2")
+    for alias in ("l2", 2.0, "2.0", 2):
+        assert torch.equal(attacks.pgd(model, x, y, 0.5, alpha=0.1, steps=1, norm=alias), l2), alias
