@@ -375,3 +375,43 @@ def test_two_restarts_and_argument_checks(trained):
     l2 = attacks.pgd(model, x, y, 0.5, alpha=0.1, steps=1, norm="2")
     for alias in ("l2", 2.0, "2.0", 2):
         assert torch.equal(attacks.pgd(model, x, y, 0.5, alpha=0.1, steps=1, norm=alias), l2), alias
+
+
+class _Constant(nn.Module):
+    """Logits that do not depend on x (with and without a parameter)."""
+
+    def __init__(self, with_param):
+        super().__init__()
+        self.p = nn.Parameter(torch.ones(C)) if with_param else None
+
+    def forward(self, x):
+        out = torch.zeros(len(x), C)
+        return out + self.p if self.p is not None else out
+
+
+def test_input_grad_values_and_input_checks(trained):
+    """input_grad is d(sum CE)/dx (minus it when targeted), zeros where the output does not
+    depend on x; bad x / y are refused with the type named."""
+    model, x, y = trained
+    xr = x.clone().requires_grad_(True)
+    F.cross_entropy(model(xr), y, reduction="sum").backward()
+    g = attacks.input_grad(model, x, y)
+    torch.testing.assert_close(g, xr.grad, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(attacks.input_grad(model, x, y, targeted=True), -xr.grad, rtol=1e-6, atol=1e-7)
+    for const in (_Constant(True), _Constant(False)):
+        z = attacks.input_grad(const, x, y)
+        assert torch.equal(z, torch.zeros_like(x))
+    for bad, msg in [(x.long(), "x must be a floating-point tensor, got torch.int64"),
+                     (x.tolist(), "x must be a floating-point tensor, got list")]:
+        with pytest.raises(TypeError) as info:
+            attacks.fgsm(model, bad, y, 0.1)
+        assert str(info.value) == msg
+    for bad, msg in [(y.float(), "y must be a 1-D int64 tensor of labels, got torch.float32 with shape (300,)"),
+                     (y[:, None], "y must be a 1-D int64 tensor of labels, got torch.int64 with shape (300, 1)"),
+                     (y.tolist(), "y must be a 1-D int64 tensor of labels, got list with shape ()")]:
+        with pytest.raises(TypeError) as info:
+            attacks.fgsm(model, x, bad, 0.1)
+        assert str(info.value) == msg
+    with pytest.raises(ValueError) as info:
+        attacks.fgsm(model, x, y[:3], 0.1)
+    assert str(info.value) == "x and y must have the same number of samples, got x (300, 1, 8, 8) and y (3,)"
