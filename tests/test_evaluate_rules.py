@@ -158,3 +158,19 @@ def test_robustness_result_fields():
     assert r["robust_correct"].tolist() == [[True, True, True, False], [False, True, False, False]]
     assert r["robust_accuracy"] == [0.75, 0.25]
     assert r["grad"]["zero_frac"] == 0.0 and r["grad"]["nan_frac"] == 0.0 and r["grad"]["mean_abs"] > 0
+
+
+def test_honest_report_defaults_and_one_model():
+    model, x, y = _Logits(), torch.eye(3)[[0, 1, 2, 0]] * 2, torch.tensor([0, 1, 2, 1])
+    rep = E.honest_report(model, x, y, eps_list=[0.0])
+    assert rep["config"] == {"pgd_steps": 40, "pgd_alpha": None, "restarts": 5, "eot_samples": 20,
+                             "batch_size": 500, "seed": 0}
+    assert list(rep["rows"]) == ["model"] and rep["baseline"] is None and rep["eps"] == [0.0]
+    row = rep["rows"]["model"]
+    assert row["model"] == "model" and row["test_mask"] is False
+    assert row["robustness"]["attacks"] == ["fgsm", "pgd", "pgd_restarts"]
+    assert row["robustness"]["config"]["batch_size"] == 500 and row["robustness"]["config"]["seed"] == 0
+    for tm in (False, True):
+        r = E.honest_report({"m": model}, x, y, eps_list=[0.0], test_mask=tm, restarts=1)
+        assert list(r["rows"]) == ["m"] and r["rows"]["m"]["test_mask"] is tm
+        assert r["rows"]["m"]["robustness"]["attacks"] == (["fgsm", "pgd", "eot", "frozen"] if tm else ["fgsm", "pgd"])
