@@ -137,3 +137,14 @@ def test_pgd_l2_step_length_for_any_gradient_size(backend, dtype, scale):
     torch.testing.assert_close(got.double(), torch.from_numpy(want), rtol=tol, atol=tol)
     step = (got.double() - xn.double()).norm(dim=1)
     assert torch.allclose(step, torch.full_like(step, 0.2), rtol=10 * tol, atol=10 * tol)
+
+
+@pytest.mark.parametrize("mode", ["pixel", "blur", "block"])
+def test_one_element_masks_its_gradient(backend, mode):
+    """A 1 x 1 x 1 x 1 input is masked like any other: ratio 1 drops its gradient (pixel,
+    block) or spreads it to its own 1-pixel mean (blur: the gradient passes)."""
+    x = torch.tensor([[[[2.0]]]], requires_grad=True)
+    y = ops.mask_apply(x, 1.0, seed=0, offset=torch.tensor(0), mode=mode, fill=-1.0)
+    y.backward(torch.ones_like(y))
+    assert y.item() == (2.0 if mode == "blur" else -1.0)
+    assert x.grad.item() == (1.0 if mode == "blur" else 0.0)
