@@ -174,3 +174,14 @@ def test_honest_report_defaults_and_one_model():
         r = E.honest_report({"m": model}, x, y, eps_list=[0.0], test_mask=tm, restarts=1)
         assert list(r["rows"]) == ["m"] and r["rows"]["m"]["test_mask"] is tm
         assert r["rows"]["m"]["robustness"]["attacks"] == (["fgsm", "pgd", "eot", "frozen"] if tm else ["fgsm", "pgd"])
+
+
+def test_honest_report_passes_its_settings():
+    model, x, y = _Logits(), torch.eye(3)[[0, 1, 2, 0]] * 2, torch.tensor([0, 1, 2, 1])
+    rep = E.honest_report(model, x, y, eps_list=[0.0, 0.5], pgd_steps=2, pgd_alpha=0.05, restarts=1,
+                          eot_samples=3, batch_size=2, seed=4, surrogate={0.0: x, 0.5: x.flip(1)})
+    assert rep["config"] == {"pgd_steps": 2, "pgd_alpha": 0.05, "restarts": 1, "eot_samples": 3,
+                             "batch_size": 2, "seed": 4}
+    rob = rep["rows"]["model"]["robustness"]
+    assert rob["attacks"] == ["fgsm", "pgd", "transfer"]  # precomputed transfer examples are used as given
+    assert rob["accuracy"]["transfer"] == [0.75, 0.25]
