@@ -415,3 +415,12 @@ def test_input_grad_values_and_input_checks(trained):
     with pytest.raises(ValueError) as info:
         attacks.fgsm(model, x, y[:3], 0.1)
     assert str(info.value) == "x and y must have the same number of samples, got x (300, 1, 8, 8) and y (3,)"
+
+
+def test_input_grad_of_a_model_autograd_differentiates(trained):
+    """The autograd path (a model with a FeatureMask) also returns d(sum CE)/dx, not the mean's."""
+    base, x, y = trained
+    model = _masked(base)
+    xr = x.clone().requires_grad_(True)
+    F.cross_entropy(base(xr), y, reduction="sum").backward()  # the mask is off in eval mode
+    torch.testing.assert_close(attacks.input_grad(model, x, y), xr.grad, rtol=1e-6, atol=1e-7)
