@@ -209,11 +209,6 @@ def machine_info(device="cpu"):
         info["load_avg_1_5_15"] = [round(v, 2) for v in os.getloadavg()]
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device).index or 0)
-    try:  # the ISA of the extension's Philox-bound CPU paths (FASTMASK_CPU_ISA caps it)
-        from fastmask import ops
-        info["cpu_isa"] = ops.build_info().get("cpu_isa")
-    except ImportError:
-        info["cpu_isa"] = None
     return info
 
 
@@ -307,7 +302,7 @@ def to_markdown(d):
     """The run as Markdown: command, machine, versions, one table per benchmark, targets."""
     m, v = d["machine"], d["versions"]
     out = [f"Command: `{d['command']}`  ", f"Date (UTC): {d['date']}  ",
-           f"Machine: {m['cpu']}, {m['cores']} cores, CPU ISA path {m.get('cpu_isa')}, "
+           f"Machine: {m['cpu']}, {m['cores']} cores, "
            f"torch threads {m['threads']}, GPU {m['gpu']}, "
            f"load average at the end {m.get('load_avg_1_5_15')}  ",
            f"ISA path: fastmask {m.get('fastmask_cpu_isa')}, torch {m.get('torch_cpu_capability')}, "
