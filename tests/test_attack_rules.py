@@ -225,8 +225,10 @@ def test_make_attack_passes_every_setting(trained):
             ("pgd_l2", lambda: attacks.pgd(model, x, y, 0.1, norm="2", masks="random", **common)),
             ("eot", lambda: attacks.eot_pgd(model, x, y, 0.1, samples=3, masks="random", **common)),
             ("frozen", lambda: attacks.pgd_frozen_mask(model, x, y, 0.1, **common))]:
-        atk = attacks.make_attack(name, 0.1, steps=2, alpha=0.02, restarts=2, samples=3, seed=5,
-                                  masks="random", **box)
+        # each entry takes only its own settings (the registry refuses the others)
+        own = {k: v for k, v in dict(steps=2, alpha=0.02, restarts=2, samples=3).items()
+               if k in attacks.REGISTRY[name].settings}
+        atk = attacks.make_attack(name, 0.1, seed=5, masks="random", **own, **box)
         assert torch.equal(atk(model, x, y), direct()), name
     # each setting matters here (else the equalities above would prove nothing)
     pgd = lambda **kw: attacks.pgd(model, x, y, 0.1, **dict(dict(masks="random", **common), **kw))  # noqa: E731
@@ -276,7 +278,7 @@ def test_input_grad_batches_and_eot_mask_choice(trained):
     base, x, y = trained
     model = _masked(base)
     x, y = x[:40], y[:40]
-    with pytest.raises(ValueError, match="^batch_size must be an integer >= 1, got 0$"):
+    with pytest.raises(ValueError, match="^batch_size must be >= 1, got 0$"):
         attacks.input_grad(model, x, y, batch_size=0)
     assert not torch.equal(attacks.input_grad(model, x, y, masks="random", batch_size=16),
                            attacks.input_grad(model, x, y, masks="random"))
@@ -321,11 +323,12 @@ def test_pgd_and_eot_equal_their_rebuilt_steps(trained):
         want = _rebuilt_pgd(model, x, lab, 0.1, 0.025, 2, seed=4, samples=3, **kw)
         got = attacks.eot_pgd(model, x, lab, 0.1, alpha=0.025, steps=2, samples=3, random_start=True, seed=4, **kw)
         assert torch.equal(got, want), kw
-    # "linf" / "l2" name the same norms
-    assert torch.equal(attacks.pgd(base, x, y, 0.1, alpha=0.02, steps=2, norm="Linf"),
-                       attacks.pgd(base, x, y, 0.1, alpha=0.02, steps=2, norm="inf"))
-    assert torch.equal(attacks.pgd(base, x, y, 0.5, alpha=0.1, steps=2, norm="L2"),
+    # one spelling per norm, as in the ops: 2 is "2", "Linf" / "L2" are refused by name
+    assert torch.equal(attacks.pgd(base, x, y, 0.5, alpha=0.1, steps=2, norm="2"),
                        attacks.pgd(base, x, y, 0.5, alpha=0.1, steps=2, norm=2))
+    for bad in ("Linf", "L2"):
+        with pytest.raises(ValueError, match=f"^norm must be one of 'inf', '2', got '{bad}'$"):
+            attacks.pgd(base, x, y, 0.1, alpha=0.02, steps=2, norm=bad)
 
 
 def test_fgsm_settings(trained):
@@ -356,11 +359,11 @@ def test_two_restarts_and_argument_checks(trained):
     got = attacks.pgd(model, x, y, 0.05, alpha=0.0125, steps=1, restarts=2, random_start=True, seed=0)
     assert torch.equal(got, torch.where(second[:, None, None, None], runs[1], runs[0]))
     kw = dict(alpha=0.01, steps=1)
-    for bad, msg in [(dict(steps=0), "steps must be an integer >= 1, got 0"),
+    for bad, msg in [(dict(steps=0), "steps must be >= 1, got 0"),
                      (dict(steps=2.5), "steps must be an integer >= 1, got 2.5"),
                      (dict(steps=True), "steps must be an integer >= 1, got True"),
-                     (dict(restarts=0), "restarts must be an integer >= 1, got 0"),
-                     (dict(batch_size=0), "batch_size must be an integer >= 1, got 0"),
+                     (dict(restarts=0), "restarts must be >= 1, got 0"),
+                     (dict(batch_size=0), "batch_size must be >= 1, got 0"),
                      (dict(restarts=2, random_start=False),
                       "restarts=2 needs random_start=True (restarts from x itself are identical)")]:
         with pytest.raises(ValueError) as info:
@@ -368,7 +371,7 @@ def test_two_restarts_and_argument_checks(trained):
         assert str(info.value) == msg
     with pytest.raises(ValueError) as info:
         attacks.eot_pgd(model, x, y, 0.1, samples=0, **kw)
-    assert str(info.value) == "samples must be an integer >= 1, got 0"
+    assert str(info.value) == "samples must be >= 1, got 0"
     with pytest.raises(ValueError) as info:
         attacks.pgd(model, x, y, 0.1, norm="l1", **kw)
     assert str(info.value) == "norm must be 'inf' or '2', got 'l1'"
