@@ -28,6 +28,10 @@ ops.grad_clip_noise_, and each step is ops.pgd_step_ (projection to the eps-ball
 [0, 1]). As in the original, the inner maximisation runs with the model in eval mode (no
 mask draws, no dropout) and the outer step in training mode; it costs adv_steps + 2
 forward passes and adv_steps + 1 backward passes a step.
+adv_train="mart" is MART (Wang et al. 2020), the same way: x' from adv_steps signed steps
+up CE(f(x'), y) from the same small Gaussian start (eval mode), loss = BCE(f(x'), y) +
+trades_beta * mean_i KL(f(x_i) || f(x'_i)) * (1 - p_y(x_i)), BCE = CE plus
+-log(1 - p'(largest wrong class)) (the original's constants 1.0001, 1e-12, 1.0000001).
 adv_check=True guards against
 catastrophic overfitting: after each epoch, PGD-10 accuracy on a fixed batch of
 training images; if it falls more than 0.2 below its best, training stops and
@@ -55,7 +59,8 @@ from . import _checks as C
 from .data import to_float
 
 OPTIMIZERS = ("adam", "sgd")
-ADV_TRAIN = (None, "fgsm", "pgd", "trades")
+ADV_TRAIN = (None, "fgsm", "pgd", "trades", "mart")
+SMALL_START = ("trades", "mart")  # the inner loop of trades_example
 LR_SCHEDULES = ("constant", "cyclic")
 
 
@@ -76,7 +81,7 @@ class TrainConfig:
     adv_alpha: float = None     # step; None: 1.25 * adv_eps for fgsm, 2.5 * adv_eps / adv_steps for pgd
     adv_steps: int = 1          # pgd: steps per example (fgsm: 1)
     adv_check: bool = False     # early stop on PGD accuracy of a training batch (catastrophic overfitting)
-    trades_beta: float = 6.0    # trades: weight of the KL term
+    trades_beta: float = 6.0    # trades and mart: weight of the KL term
     adv_val: int = 0            # > 0: keep the epoch with the best PGD accuracy on this many validation images
     adv_val_steps: int = 10     # steps of that PGD check
 
@@ -93,8 +98,9 @@ class TrainConfig:
             raise ValueError(f"adv_alpha={self.adv_alpha!r} must be > 0 (or None for 1.25 * adv_eps)")
         if self.adv_check and not self.adv_train:
             raise ValueError("adv_check=True needs adv_train")
-        if self.adv_steps != 1 and self.adv_train not in ("pgd", "trades"):
-            raise ValueError(f"adv_steps={self.adv_steps!r} needs adv_train='pgd' or 'trades' (fgsm takes one step)")
+        if self.adv_steps != 1 and self.adv_train not in ("pgd",) + SMALL_START:
+            raise ValueError(f"adv_steps={self.adv_steps!r} needs adv_train='pgd', 'trades' or 'mart' "
+                             "(fgsm takes one step)")
         C.field(C.nonneg, "trades_beta", self.trades_beta)
         C.field(C.nonneg_int, "adv_val", self.adv_val)
         if self.adv_val and not self.adv_train:
@@ -147,10 +153,11 @@ def fgsm_example(model, x, y, eps, seed, step, alpha=None, steps=1):
     return x_adv
 
 
-def trades_example(model, x, eps, seed, step, alpha=None, steps=1):
+def trades_example(model, x, eps, seed, step, alpha=None, steps=1, y=None):
     """TRADES's inner maximisation: from x + 0.001 * N(0, 1) (Philox stream (seed, step)),
     `steps` signed steps of alpha up the gradient of sum KL(f(x) || f(x')), each projected to
-    the eps-ball and [0, 1], with the model in eval mode (restored afterwards)."""
+    the eps-ball and [0, 1], with the model in eval mode (restored afterwards).
+    With labels y, the steps go up CE(f(x'), y) instead: MART's inner maximisation."""
     from . import ops
     if alpha is None:
         alpha = default_alpha(eps, steps)
@@ -158,14 +165,18 @@ def trades_example(model, x, eps, seed, step, alpha=None, steps=1):
     model.eval()
     try:
         with torch.no_grad():
-            p_nat = F.softmax(model(x), dim=1)
+            p_nat = F.softmax(model(x), dim=1) if y is None else None
             x_adv = torch.zeros_like(x)
             ops.grad_clip_noise_([x_adv], noise_std=0.001, seed=seed, offset=step)
             x_adv += x
         for _ in range(steps):
             x_adv.requires_grad_(True)
-            kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), p_nat, reduction="sum")
-            (g,) = torch.autograd.grad(kl, x_adv)  # input gradient only: no parameter .grad is touched
+            out = model(x_adv)
+            if y is None:
+                loss = F.kl_div(F.log_softmax(out, dim=1), p_nat, reduction="sum")
+            else:
+                loss = F.cross_entropy(out, y)
+            (g,) = torch.autograd.grad(loss, x_adv)  # input gradient only: no parameter .grad is touched
             x_adv = ops.pgd_step_(x_adv.detach(), x, g, alpha, eps, 0.0, 1.0, "inf")
     finally:
         model.train(was_training)
@@ -176,6 +187,16 @@ def trades_loss(logits_nat, logits_adv, y, beta):
     """CE(f(x), y) + beta * sum KL(f(x) || f(x')) / batch (the original's KLDivLoss(sum) / batch)."""
     kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_nat, dim=1), reduction="sum")
     return F.cross_entropy(logits_nat, y) + beta * kl / len(y)
+
+
+def mart_loss(logits_nat, logits_adv, y, beta):
+    """MART's objective, with the original's constants: BCE(f(x'), y) + beta * mean_i
+    sum_c KL(p_i || p'_i) * (1.0000001 - p_i[y_i]), p = softmax(f(x)), p' = softmax(f(x'))."""
+    p_adv, p_nat = F.softmax(logits_adv, dim=1), F.softmax(logits_nat, dim=1)
+    wrong = p_adv.masked_fill(F.one_hot(y, p_adv.shape[1]).bool(), float("-inf")).argmax(1)
+    bce = F.cross_entropy(logits_adv, y) + F.nll_loss(torch.log(1.0001 - p_adv + 1e-12), wrong)
+    kl = F.kl_div(torch.log(p_adv + 1e-12), p_nat, reduction="none").sum(1)
+    return bce + beta * (kl * (1.0000001 - p_nat.gather(1, y[:, None])[:, 0])).sum() / len(y)
 
 
 def lr_at(cfg, t):
@@ -210,8 +231,8 @@ def train(model, data, cfg, progress=False, log=None):
         cfg = TrainConfig(**cfg)
     from . import distributed  # under torchrun: DDP, each rank a contiguous part of every global batch
     world, dev = distributed.world_size(), next(model.parameters()).device
-    if cfg.adv_train == "trades" and world > 1:  # two forwards through DDP before one backward: not wired
-        raise ValueError(f"adv_train='trades' runs on one process, got world size {world}")
+    if cfg.adv_train in SMALL_START and world > 1:  # two forwards through DDP before one backward: not wired
+        raise ValueError(f"adv_train={cfg.adv_train!r} runs on one process, got world size {world}")
     from .nn import LearnedMask
     net = distributed.wrap(distributed.mask_streams(model))
     opt = make_optimizer(model, cfg)
@@ -246,10 +267,12 @@ def train(model, data, cfg, progress=False, log=None):
             if cfg.lr_schedule != "constant":
                 for group in opt.param_groups:
                     group["lr"] = lr_at(cfg, (step + 1) / steps_per_epoch)
-            if cfg.adv_train == "trades":
-                x_adv = trades_example(model, x, cfg.adv_eps, cfg.seed + 3, step, cfg.adv_alpha, cfg.adv_steps)
+            if cfg.adv_train in SMALL_START:
+                mart = cfg.adv_train == "mart"
+                x_adv = trades_example(model, x, cfg.adv_eps, cfg.seed + 3, step, cfg.adv_alpha, cfg.adv_steps,
+                                       y if mart else None)
                 logits_nat, logits = net(x), net(x_adv)  # train_acc: on the adversarial examples, as for pgd
-                loss = trades_loss(logits_nat, logits, y, cfg.trades_beta)
+                loss = (mart_loss if mart else trades_loss)(logits_nat, logits, y, cfg.trades_beta)
             else:
                 if cfg.adv_train:
                     x = fgsm_example(model, x, y, cfg.adv_eps, cfg.seed + 3, distributed.stream_offset(step),

@@ -1,4 +1,4 @@
-"""fastmask.train's TRADES objective (adv_train="trades") and the held-out PGD check (adv_val)."""
+"""fastmask.train's TRADES and MART objectives (adv_train="trades", "mart") and the held-out PGD check (adv_val)."""
 import math
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmask import cli, data as D, models as M, ops, reference
-from fastmask.train import TrainConfig, trades_example, trades_loss, train, val_pgd_acc
+from fastmask.train import TrainConfig, mart_loss, trades_example, trades_loss, train, val_pgd_acc
 
 from idx_data import write_idx
 from test_train import toy_data, weights
@@ -80,19 +80,21 @@ def test_trades_example_maximises_the_kl_in_the_ball():
     assert not torch.equal(trades_example(model, x, eps, seed=9, step=6, alpha=alpha, steps=steps), adv)
 
 
-def test_trades_training_step_is_the_loss():
-    """One step of train(): SGD on trades_loss(f(x), f(x'), y, beta), the model in training mode."""
+@pytest.mark.parametrize("objective", ["trades", "mart"])
+def test_training_step_is_the_loss(objective):
+    """One step of train(): SGD on trades_loss (mart_loss) of f(x), f(x'), the model in training mode."""
     d = toy_data(n_train=32)
     cfg = TrainConfig(epochs=1, batch_size=32, optimizer="sgd", lr=0.1, momentum=0.0, seed=2,
-                      adv_train="trades", adv_eps=0.2, adv_steps=2, adv_alpha=0.1, trades_beta=3.0)
+                      adv_train=objective, adv_eps=0.2, adv_steps=2, adv_alpha=0.1, trades_beta=3.0)
     model, ref = Recorder(), Recorder()
     train(model, d, cfg)
-    assert model.modes[:5] == [False, False, False, True, True]  # p(x), 2 steps; then f(x), f(x') to train
+    inner = [False] * (3 if objective == "trades" else 2)  # (p(x) and) 2 steps in eval mode
+    assert model.modes[:len(inner) + 2] == inner + [True, True]  # then f(x), f(x') to train
     perm = torch.randperm(32, generator=torch.Generator().manual_seed(2))
     x, y = D.to_float(d.x_train[perm]), d.y_train[perm]
     ref.train()
-    x_adv = trades_example(ref, x, 0.2, seed=5, step=0, alpha=0.1, steps=2)
-    loss = trades_loss(ref(x), ref(x_adv), y, 3.0)
+    x_adv = trades_example(ref, x, 0.2, seed=5, step=0, alpha=0.1, steps=2, y=y if objective == "mart" else None)
+    loss = (mart_loss if objective == "mart" else trades_loss)(ref(x), ref(x_adv), y, 3.0)
     grads = torch.autograd.grad(loss, list(ref.parameters()))
     expect = [p.detach() - 0.1 * g for p, g in zip(ref.parameters(), grads)]
     assert all(torch.allclose(a, b, rtol=0, atol=1e-7) for a, b in zip(weights(model), expect))
@@ -123,7 +125,7 @@ def test_trades_deterministic():
     ({"adv_train": "trades", "adv_val": -1}, "adv_val=-1"),
     ({"adv_train": "trades", "adv_val": 10, "adv_val_steps": 0}, "adv_val_steps=0"),
     ({"adv_val": 10}, "adv_val=10 needs adv_train"),
-    ({"adv_train": "fgsm", "adv_steps": 3}, "adv_steps=3 needs adv_train='pgd' or 'trades'"),
+    ({"adv_train": "fgsm", "adv_steps": 3}, "adv_steps=3 needs adv_train='pgd', 'trades' or 'mart'"),
 ])
 def test_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message) as e:
@@ -152,6 +154,10 @@ def test_cli_trades_flags_reach_the_config(tmp_path):
     tr = blob["config"]["train"]
     assert (tr["adv_train"], tr["trades_beta"], tr["adv_steps"], tr["adv_alpha"], tr["adv_eps"],
             tr["adv_val"], tr["adv_val_steps"]) == ("trades", 2.5, 2, 0.05, 0.1, 20, 3)
+    rc = cli.main(["train", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "mart"), "--epochs", "1",
+                   "--adv-train", "mart", "--trades-beta", "4", "--adv-steps", "2", "--quiet"])
+    tr = torch.load(tmp_path / "mart" / "model.pt", weights_only=False)["config"]["train"]
+    assert rc == 0 and (tr["adv_train"], tr["trades_beta"], tr["adv_steps"]) == ("mart", 4.0, 2)
 
 
 def test_adv_val_keeps_the_best_epoch():
@@ -165,3 +171,59 @@ def test_adv_val_keeps_the_best_epoch():
     assert best["n"] == 40 and best["steps"] == 3
     x, y = D.to_float(d.x_val[:40]), d.y_val[:40]
     assert val_pgd_acc(model, x, y, 0.3, 3, 0) == max(accs)  # the restored weights are that epoch's
+
+
+def test_mart_loss_by_hand():
+    """BCE(f(x'), y) + beta * mean_i KL(p_i || q_i) * (1 - p_i[y_i]), with the original's constants."""
+    nat = [[2.0, -1.0, 0.5], [0.0, 0.3, -0.2]]
+    adv = [[0.5, 0.2, 0.1], [1.0, -0.5, 0.4]]
+    y = [0, 2]
+    beta = 6.0
+
+    def softmax(z):
+        e = [math.exp(v) for v in z]
+        return [v / sum(e) for v in e]
+    total = 0.0
+    for zn, za, t in zip(nat, adv, y):
+        p, q = softmax(zn), softmax(za)
+        wrong = max((c for c in range(3) if c != t), key=lambda c: q[c])
+        bce = -math.log(q[t]) - math.log(1.0001 - q[wrong] + 1e-12)
+        kl = sum(pi * (math.log(pi) - math.log(qi + 1e-12)) for pi, qi in zip(p, q))
+        total += bce + beta * kl * (1.0000001 - p[t])
+    got = mart_loss(torch.tensor(nat, dtype=torch.float64), torch.tensor(adv, dtype=torch.float64),
+                    torch.tensor(y), beta)
+    assert got.item() == pytest.approx(total / 2, rel=1e-12)
+
+
+def test_mart_example_climbs_the_cross_entropy():
+    d = toy_data(n_train=32)
+    model = Recorder().train()
+    x, y = D.to_float(d.x_train), d.y_train
+    eps, alpha, steps = 0.1, 0.03, 3
+    adv = trades_example(model, x, eps, seed=9, step=5, alpha=alpha, steps=steps, y=y)
+    assert model.training and model.modes == [False] * steps  # eval mode, no forward of x alone
+    s = torch.zeros_like(x)
+    ops.grad_clip_noise_([s], noise_std=0.001, seed=9, offset=5)
+    ref = x + s
+    model.eval()
+    for _ in range(steps):
+        ref.requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(model(ref), y), ref)
+        ref = torch.min(torch.max(ref.detach() + alpha * g.sign(), x - eps), x + eps).clamp(0, 1)
+    assert torch.equal(adv, ref)
+    with torch.no_grad():
+        assert F.cross_entropy(model(adv), y) > F.cross_entropy(model(x + s), y)
+    assert not torch.equal(adv, trades_example(model, x, eps, seed=9, step=5, alpha=alpha, steps=steps))
+
+
+def test_mart_trains_and_is_deterministic():
+    d = toy_data(n_train=64)
+    cfg = dict(epochs=1, batch_size=32, seed=1, adv_train="mart", adv_eps=0.3, adv_steps=2)
+    a, b, t = M.build("mlp", seed=1), M.build("mlp", seed=1), M.build("mlp", seed=1)
+    w0 = weights(a)
+    train(a, d, TrainConfig(**cfg))
+    train(b, d, TrainConfig(**cfg))
+    train(t, d, TrainConfig(**{**cfg, "adv_train": "trades"}))
+    assert all(torch.equal(p, q) for p, q in zip(weights(a), weights(b)))
+    assert not all(torch.equal(p, q) for p, q in zip(weights(a), w0))
+    assert not all(torch.equal(p, q) for p, q in zip(weights(a), weights(t)))
