@@ -26,8 +26,8 @@ fast AT: the original's small start only breaks the tie at x, where the KL's gra
 zero); the Gaussians come from the Philox stream (seed + 3, offset = step), added by
 ops.grad_clip_noise_, and each step is ops.pgd_step_ (projection to the eps-ball and
 [0, 1]). As in the original, the inner maximisation runs with the model in eval mode (no
-mask draws, no dropout) and the outer step in training mode; it costs adv_steps + 2
-forward passes and adv_steps + 1 backward passes a step.
+mask draws, no dropout) and the outer step in training mode; a step costs adv_steps + 2
+forward passes, adv_steps input-gradient passes and one backward through both batches.
 adv_train="mart" is MART (Wang et al. 2020), the same way: x' from adv_steps signed steps
 up CE(f(x'), y) from the same small Gaussian start (eval mode), loss = BCE(f(x'), y) +
 trades_beta * mean_i KL(f(x_i) || f(x'_i)) * (1 - p_y(x_i)), BCE = CE plus
