@@ -1,7 +1,7 @@
 """Command line: fastmask reproduce | train | attack | evaluate | tune | bench.
 
     fastmask reproduce [--model mlp|cnn] [--preset smoke|default|full] [--out DIR] ...
-    fastmask train --out DIR [--mask-ratio R --mask-scope sample|fixed ...] [--adv-train fgsm|pgd [--adv-steps K]]
+    fastmask train --out DIR [--mask-ratio R --mask-scope sample|fixed ...] [--adv-train fgsm|pgd|trades [--adv-steps K]]
     fastmask attack --checkpoint PATH [--eps ...] [--json]
     fastmask evaluate --checkpoint NAME=PATH ... [--surrogate PATH] [--preset check|standard|thorough]
                       [--attack-opt NAME.KEY=VALUE ...] --out DIR   (honest evaluation)
@@ -186,12 +186,19 @@ def build_parser():
     t.add_argument("--mask-rescale", action="store_true", help="inverted dropout: kept pixels times 1/(1-ratio)")
     t.add_argument("--max-norm", type=positive_float, help="clip gradients to this global norm")
     t.add_argument("--noise-std", type=nonneg_float, default=0.0, help="Gaussian noise added to the gradients")
-    t.add_argument("--adv-train", choices=("fgsm", "pgd"),
-                   help="adversarial training: fgsm (fast AT, one step) or pgd (--adv-steps steps)")
+    t.add_argument("--adv-train", choices=("fgsm", "pgd", "trades", "mart"),
+                   help="adversarial training: fgsm (fast AT, one step), pgd (--adv-steps steps) or trades "
+                   "(Zhang et al. 2019: CE + beta KL, --adv-steps steps maximising the KL) or mart (Wang et al. "
+                   "2020)")
     t.add_argument("--adv-eps", type=positive_float, default=0.1)
     t.add_argument("--adv-alpha", type=positive_float,
                    help="step of adversarial training (default 1.25 eps for fgsm, 2.5 eps / steps for pgd)")
-    t.add_argument("--adv-steps", type=positive_int, default=1, help="steps per example with --adv-train pgd")
+    t.add_argument("--adv-steps", type=positive_int, default=1,
+                   help="steps per example with --adv-train pgd or trades")
+    t.add_argument("--trades-beta", type=nonneg_float, default=6.0, help="weight of the KL term of trades and mart")
+    t.add_argument("--adv-val", type=nonneg_int, default=0, metavar="N",
+                   help="after each epoch PGD accuracy on the first N validation images; keep the best epoch")
+    t.add_argument("--adv-val-steps", type=positive_int, default=10, help="steps of the --adv-val PGD check")
     t.add_argument("--adv-check", action="store_true", help="early stop when the PGD accuracy of a training "
                    "batch collapses (catastrophic overfitting); keeps the best epoch")
     t.add_argument("--lr-schedule", choices=("constant", "cyclic"), default="constant",
@@ -389,13 +396,17 @@ def cmd_train(args):
         torch.set_num_threads(args.threads)
     if args.adv_check and not args.adv_train:
         raise CliError("fastmask train: argument --adv-check: needs --adv-train")
-    if args.adv_steps != 1 and args.adv_train != "pgd":
-        raise CliError(f"fastmask train: argument --adv-steps: {args.adv_steps} needs --adv-train pgd")
+    if args.adv_steps != 1 and args.adv_train not in ("pgd", "trades", "mart"):
+        raise CliError(f"fastmask train: argument --adv-steps: {args.adv_steps} needs --adv-train pgd, "
+                       "trades or mart")
+    if args.adv_val and not args.adv_train:
+        raise CliError(f"fastmask train: argument --adv-val: {args.adv_val} needs --adv-train")
     grad = {k: v for k, v in (("max_norm", args.max_norm), ("noise_std", args.noise_std)) if v}
     tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                        seed=args.seed, grad=grad, adv_train=args.adv_train, adv_eps=args.adv_eps,
                        adv_alpha=args.adv_alpha, adv_steps=args.adv_steps, adv_check=args.adv_check,
-                       lr_schedule=args.lr_schedule)
+                       lr_schedule=args.lr_schedule, trades_beta=args.trades_beta, adv_val=args.adv_val,
+                       adv_val_steps=args.adv_val_steps)
     data = D.load(args.dataset, args.data_dir, split_seed=args.seed, download=args.download)
     if args.train_subset:
         data = data.take(train=args.train_subset)

@@ -19,10 +19,27 @@ Their MNIST recipe: lr_schedule="cyclic" (per step, linear 0 -> lr at 2/5 of
 the epochs -> 0), Adam, eps 0.3, alpha 0.375. adv_train="pgd" with adv_steps=k
 is PGD-k training (Madry et al. 2018) from the same random start, alpha default
 2.5 eps / k; it costs k + 1 forward/backward passes a step (fast AT: 2).
+adv_train="trades" is TRADES (Zhang et al. 2019): loss = CE(f(x), y) + trades_beta *
+KL(f(x) || f(x')) / batch, x' from adv_steps signed steps of alpha maximising the KL (sum
+over the batch) from x + 0.001 * N(0, 1) as in the original code (not the uniform start of
+fast AT: the original's small start only breaks the tie at x, where the KL's gradient is
+zero); the Gaussians come from the Philox stream (seed + 3, offset = step), added by
+ops.grad_clip_noise_, and each step is ops.pgd_step_ (projection to the eps-ball and
+[0, 1]). As in the original, the inner maximisation runs with the model in eval mode (no
+mask draws, no dropout) and the outer step in training mode; a step costs adv_steps + 2
+forward passes, adv_steps input-gradient passes and one backward through both batches.
+adv_train="mart" is MART (Wang et al. 2020), the same way: x' from adv_steps signed steps
+up CE(f(x'), y) from the same small Gaussian start (eval mode), loss = BCE(f(x'), y) +
+trades_beta * mean_i KL(f(x_i) || f(x'_i)) * (1 - p_y(x_i)), BCE = CE plus
+-log(1 - p'(largest wrong class)) (the original's constants 1.0001, 1e-12, 1.0000001).
 adv_check=True guards against
 catastrophic overfitting: after each epoch, PGD-10 accuracy on a fixed batch of
 training images; if it falls more than 0.2 below its best, training stops and
 the best epoch's weights are restored.
+adv_val=n is early stopping on a held-out PGD check: after each epoch, PGD-adv_val_steps
+accuracy (alpha 2.5 eps / steps, random start, fixed seed) on the first n validation
+images; at the end the weights of the epoch with the best such accuracy (the earliest on a
+tie) are restored, whether or not adv_check stopped the run.
 
 Under torchrun (fastmask.distributed, docs/distributed.md) the model is wrapped in
 DistributedDataParallel and each rank takes a contiguous part of every global batch
@@ -42,7 +59,8 @@ from . import _checks as C
 from .data import to_float
 
 OPTIMIZERS = ("adam", "sgd")
-ADV_TRAIN = (None, "fgsm", "pgd")
+ADV_TRAIN = (None, "fgsm", "pgd", "trades", "mart")
+SMALL_START = ("trades", "mart")  # the inner loop of trades_example
 LR_SCHEDULES = ("constant", "cyclic")
 
 
@@ -63,9 +81,12 @@ class TrainConfig:
     adv_alpha: float = None     # step; None: 1.25 * adv_eps for fgsm, 2.5 * adv_eps / adv_steps for pgd
     adv_steps: int = 1          # pgd: steps per example (fgsm: 1)
     adv_check: bool = False     # early stop on PGD accuracy of a training batch (catastrophic overfitting)
+    trades_beta: float = 6.0    # trades and mart: weight of the KL term
+    adv_val: int = 0            # > 0: keep the epoch with the best PGD accuracy on this many validation images
+    adv_val_steps: int = 10     # steps of that PGD check
 
     def __post_init__(self):
-        for k in ("epochs", "batch_size", "eval_batch", "adv_steps"):
+        for k in ("epochs", "batch_size", "eval_batch", "adv_steps", "adv_val_steps"):
             C.field(C.positive_int, k, getattr(self, k))
         C.field(C.positive, "lr", self.lr)
         C.field(C.choice, "optimizer", self.optimizer, OPTIMIZERS)
@@ -77,8 +98,13 @@ class TrainConfig:
             raise ValueError(f"adv_alpha={self.adv_alpha!r} must be > 0 (or None for 1.25 * adv_eps)")
         if self.adv_check and not self.adv_train:
             raise ValueError("adv_check=True needs adv_train")
-        if self.adv_steps != 1 and self.adv_train != "pgd":
-            raise ValueError(f"adv_steps={self.adv_steps!r} needs adv_train='pgd' (fgsm takes one step)")
+        if self.adv_steps != 1 and self.adv_train not in ("pgd",) + SMALL_START:
+            raise ValueError(f"adv_steps={self.adv_steps!r} needs adv_train='pgd', 'trades' or 'mart' "
+                             "(fgsm takes one step)")
+        C.field(C.nonneg, "trades_beta", self.trades_beta)
+        C.field(C.nonneg_int, "adv_val", self.adv_val)
+        if self.adv_val and not self.adv_train:
+            raise ValueError(f"adv_val={self.adv_val!r} needs adv_train")
         unknown = set(self.grad or {}) - {"max_norm", "noise_std", "clip_value", "smoothing"}
         if unknown:
             raise ValueError(f"grad has unknown keys {sorted(unknown)}")
@@ -106,13 +132,18 @@ def make_optimizer(model, cfg):
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+def default_alpha(eps, steps):
+    """The training attack's step: 1.25 eps for one step (fast AT), 2.5 eps / k for k steps."""
+    return 1.25 * eps if steps == 1 else 2.5 * eps / steps
+
+
 def fgsm_example(model, x, y, eps, seed, step, alpha=None, steps=1):
     """Adversarial-training example: random start in the eps-ball, then `steps` signed-gradient
     steps of alpha, each projected to the eps-ball and [0, 1]. steps=1 is fast AT (Wong et al.
     2020; alpha default 1.25 eps), steps=k PGD-k training (Madry et al.; default 2.5 eps / k)."""
     from . import ops
     if alpha is None:
-        alpha = 1.25 * eps if steps == 1 else 2.5 * eps / steps
+        alpha = default_alpha(eps, steps)
     x_adv = ops.random_start(x, eps, seed=seed, offset=step, norm="inf", lo=0.0, hi=1.0)
     for _ in range(steps):
         x_adv.requires_grad_(True)
@@ -120,6 +151,52 @@ def fgsm_example(model, x, y, eps, seed, step, alpha=None, steps=1):
         (g,) = torch.autograd.grad(loss, x_adv)  # input gradient only: no parameter .grad is touched
         x_adv = ops.pgd_step(x_adv.detach(), x, g, alpha, eps, 0.0, 1.0, "inf")
     return x_adv
+
+
+def trades_example(model, x, eps, seed, step, alpha=None, steps=1, y=None):
+    """TRADES's inner maximisation: from x + 0.001 * N(0, 1) (Philox stream (seed, step)),
+    `steps` signed steps of alpha up the gradient of sum KL(f(x) || f(x')), each projected to
+    the eps-ball and [0, 1], with the model in eval mode (restored afterwards).
+    With labels y, the steps go up CE(f(x'), y) instead: MART's inner maximisation."""
+    from . import ops
+    if alpha is None:
+        alpha = default_alpha(eps, steps)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            p_nat = F.softmax(model(x), dim=1) if y is None else None
+            x_adv = torch.zeros_like(x)
+            ops.grad_clip_noise_([x_adv], noise_std=0.001, seed=seed, offset=step)
+            x_adv += x
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            out = model(x_adv)
+            if y is None:
+                loss = F.kl_div(F.log_softmax(out, dim=1), p_nat, reduction="sum")
+            else:
+                loss = F.cross_entropy(out, y)
+            (g,) = torch.autograd.grad(loss, x_adv)  # input gradient only: no parameter .grad is touched
+            x_adv = ops.pgd_step_(x_adv.detach(), x, g, alpha, eps, 0.0, 1.0, "inf")
+    finally:
+        model.train(was_training)
+    return x_adv
+
+
+def trades_loss(logits_nat, logits_adv, y, beta):
+    """CE(f(x), y) + beta * sum KL(f(x) || f(x')) / batch (the original's KLDivLoss(sum) / batch)."""
+    kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_nat, dim=1), reduction="sum")
+    return F.cross_entropy(logits_nat, y) + beta * kl / len(y)
+
+
+def mart_loss(logits_nat, logits_adv, y, beta):
+    """MART's objective, with the original's constants: BCE(f(x'), y) + beta * mean_i
+    sum_c KL(p_i || p'_i) * (1.0000001 - p_i[y_i]), p = softmax(f(x)), p' = softmax(f(x'))."""
+    p_adv, p_nat = F.softmax(logits_adv, dim=1), F.softmax(logits_nat, dim=1)
+    wrong = p_adv.masked_fill(F.one_hot(y, p_adv.shape[1]).bool(), float("-inf")).argmax(1)
+    bce = F.cross_entropy(logits_adv, y) + F.nll_loss(torch.log(1.0001 - p_adv + 1e-12), wrong)
+    kl = F.kl_div(torch.log(p_adv + 1e-12), p_nat, reduction="none").sum(1)
+    return bce + beta * (kl * (1.0000001 - p_nat.gather(1, y[:, None])[:, 0])).sum() / len(y)
 
 
 def lr_at(cfg, t):
@@ -138,6 +215,14 @@ def train_batch_pgd_acc(model, x, y, eps, seed):
     return (predict(model, x_adv) == y).double().mean().item()
 
 
+def val_pgd_acc(model, x, y, eps, steps, seed):
+    """PGD-steps (alpha 2.5 eps / steps, random start) accuracy on held-out images: the adv_val signal."""
+    from .attacks import pgd
+    from .evaluate import predict
+    x_adv = pgd(model, x, y, eps, alpha=2.5 * eps / steps, steps=steps, seed=seed)
+    return (predict(model, x_adv) == y).double().mean().item()
+
+
 def train(model, data, cfg, progress=False, log=None):
     """Train `model` on data.x_train with cfg (TrainConfig or dict). Returns a dict with the
     per-epoch history (loss, train_acc on the masked batches, val metrics, wall time, process CPU
@@ -146,6 +231,8 @@ def train(model, data, cfg, progress=False, log=None):
         cfg = TrainConfig(**cfg)
     from . import distributed  # under torchrun: DDP, each rank a contiguous part of every global batch
     world, dev = distributed.world_size(), next(model.parameters()).device
+    if cfg.adv_train in SMALL_START and world > 1:  # two forwards through DDP before one backward: not wired
+        raise ValueError(f"adv_train={cfg.adv_train!r} runs on one process, got world size {world}")
     from .nn import LearnedMask
     net = distributed.wrap(distributed.mask_streams(model))
     opt = make_optimizer(model, cfg)
@@ -161,6 +248,9 @@ def train(model, data, cfg, progress=False, log=None):
     best_check, best_state, stopped = -1.0, None, None
     if cfg.adv_check:
         x_check, y_check = to_float(data.x_train[:512]), data.y_train[:512]
+    best_val, best_val_state, best_val_epoch = -1.0, None, None
+    if cfg.adv_val:
+        x_vpgd, y_vpgd = to_float(data.x_val[:cfg.adv_val]).to(dev), data.y_val[:cfg.adv_val].to(dev)
     bar = None
     if progress and distributed.is_main():
         from tqdm import tqdm
@@ -177,14 +267,21 @@ def train(model, data, cfg, progress=False, log=None):
             if cfg.lr_schedule != "constant":
                 for group in opt.param_groups:
                     group["lr"] = lr_at(cfg, (step + 1) / steps_per_epoch)
-            if cfg.adv_train:
-                x = fgsm_example(model, x, y, cfg.adv_eps, cfg.seed + 3, distributed.stream_offset(step),
-                                 cfg.adv_alpha, cfg.adv_steps)
-            logits = net(x)
-            if world > 1:  # scaled so that DDP's mean over the ranks is the mean over the global batch
-                loss = F.cross_entropy(logits, y, reduction="sum") * (world / len(idx))
+            if cfg.adv_train in SMALL_START:
+                mart = cfg.adv_train == "mart"
+                x_adv = trades_example(model, x, cfg.adv_eps, cfg.seed + 3, step, cfg.adv_alpha, cfg.adv_steps,
+                                       y if mart else None)
+                logits_nat, logits = net(x), net(x_adv)  # train_acc: on the adversarial examples, as for pgd
+                loss = (mart_loss if mart else trades_loss)(logits_nat, logits, y, cfg.trades_beta)
             else:
-                loss = F.cross_entropy(logits, y)
+                if cfg.adv_train:
+                    x = fgsm_example(model, x, y, cfg.adv_eps, cfg.seed + 3, distributed.stream_offset(step),
+                                     cfg.adv_alpha, cfg.adv_steps)
+                logits = net(x)
+                if world > 1:  # scaled so that DDP's mean over the ranks is the mean over the global batch
+                    loss = F.cross_entropy(logits, y, reduction="sum") * (world / len(idx))
+                else:
+                    loss = F.cross_entropy(logits, y)
             for m in learned:  # lambda * R(M), eq. 17
                 loss = loss + m.penalty()
             opt.zero_grad(set_to_none=True)
@@ -211,11 +308,17 @@ def train(model, data, cfg, progress=False, log=None):
             row["train_batch_pgd_acc"] = acc = train_batch_pgd_acc(model, x_check, y_check, cfg.adv_eps, cfg.seed)
             if acc > best_check:
                 best_check, best_state = acc, {k: v.clone() for k, v in model.state_dict().items()}
+        if cfg.adv_val:
+            row["val_pgd_acc"] = acc = val_pgd_acc(model, x_vpgd, y_vpgd, cfg.adv_eps, cfg.adv_val_steps, cfg.seed)
+            if acc > best_val:
+                best_val, best_val_state = acc, {k: v.clone() for k, v in model.state_dict().items()}
+                best_val_epoch = epoch
         history.append(row)
         if log is not None:
             log(f"  epoch {epoch}: loss {row['loss']:.4f} train acc {row['train_acc']:.4f} "
                 f"val acc {row['val_acc']:.4f} ({dt:.1f} s)"
-                + (f" train-batch PGD acc {row['train_batch_pgd_acc']:.4f}" if cfg.adv_check else ""))
+                + (f" train-batch PGD acc {row['train_batch_pgd_acc']:.4f}" if cfg.adv_check else "")
+                + (f" val PGD-{cfg.adv_val_steps} acc {row['val_pgd_acc']:.4f}" if cfg.adv_val else ""))
         if cfg.adv_check and row["train_batch_pgd_acc"] < best_check - 0.2:  # catastrophic overfitting
             stopped = epoch
             if log is not None:
@@ -223,7 +326,9 @@ def train(model, data, cfg, progress=False, log=None):
             break
     if bar is not None:
         bar.close()
-    if cfg.adv_check and best_state is not None:
+    if cfg.adv_val and best_val_state is not None:
+        model.load_state_dict(best_val_state)  # the epoch with the best held-out PGD accuracy
+    elif cfg.adv_check and best_state is not None:
         model.load_state_dict(best_state)  # the epoch with the best training-batch PGD accuracy
     model.eval()
     out = {"history": history, "train_time": train_time, "train_cpu_time": train_cpu, "steps": step}
@@ -235,4 +340,7 @@ def train(model, data, cfg, progress=False, log=None):
                   f"(state_dict SHA-256 {out['replica_sha256']})", file=sys.stderr)
     if cfg.adv_check:
         out["early_stop"] = {"stopped_at_epoch": stopped, "best_train_batch_pgd_acc": best_check}
+    if cfg.adv_val:
+        out["best_val_pgd"] = {"epoch": best_val_epoch, "val_pgd_acc": best_val, "n": len(y_vpgd),
+                               "steps": cfg.adv_val_steps}
     return out
