@@ -374,7 +374,7 @@ def test_two_restarts_and_argument_checks(trained):
     assert str(info.value) == "samples must be >= 1, got 0"
     with pytest.raises(ValueError) as info:
         attacks.pgd(model, x, y, 0.1, norm="l1", **kw)
-    assert str(info.value) == "norm must be 'inf' or '2', got 'l1'"
+    assert str(info.value) == "norm must be one of 'inf', '2', got 'l1'"
     l2 = attacks.pgd(model, x, y, 0.5, alpha=0.1, steps=1, norm="2")
     for alias in ("l2", 2.0, "2.0", 2):
         assert torch.equal(attacks.pgd(model, x, y, 0.5, alpha=0.1, steps=1, norm=alias), l2), alias
