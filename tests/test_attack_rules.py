@@ -376,8 +376,11 @@ def test_two_restarts_and_argument_checks(trained):
         attacks.pgd(model, x, y, 0.1, norm="l1", **kw)
     assert str(info.value) == "norm must be one of 'inf', '2', got 'l1'"
     l2 = attacks.pgd(model, x, y, 0.5, alpha=0.1, steps=1, norm="2")
-    for alias in ("l2", 2.0, "2.0", 2):
+    for alias in (2.0, 2):  # the numbers name the norm too; other strings ("l2", "2.0") are refused
         assert torch.equal(attacks.pgd(model, x, y, 0.5, alpha=0.1, steps=1, norm=alias), l2), alias
+    for bad in ("l2", "2.0"):
+        with pytest.raises(ValueError, match="^norm must be one of 'inf', '2', got"):
+            attacks.pgd(model, x, y, 0.5, alpha=0.1, steps=1, norm=bad)
 
 
 class _Constant(nn.Module):
