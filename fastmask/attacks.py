@@ -11,8 +11,9 @@ MaxPool2d chains (the paper's models without a mask) take fastmask.inputgrad
 instead: the same ATen backward kernels without a graph, in cache-sized
 micro-batches on CPU, bit for bit the same gradient.
 
-The loss is the summed cross-entropy (per-sample gradients do not depend on the
-batch). Targeted attacks descend the loss to the target labels instead.
+The loss is summed over the batch (per-sample gradients do not depend on the
+batch): the cross-entropy by default, or loss="cw" / "dlr" (fastmask.losses).
+Targeted attacks descend the loss to the target labels instead.
 
 masks= says what the FeatureMask modules do while the attack runs:
   "model"  - what the model does in eval mode (no mask, or its consistent mask)
@@ -29,12 +30,13 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from . import inputgrad, ops
+from . import inputgrad, losses, ops
 
 __all__ = ["fgsm", "pgd", "eot_pgd", "pgd_frozen_mask", "transfer", "make_attack",
            "model_state", "feature_masks", "input_grad", "MASK_STATES", "ATTACKS"]
 
 MASK_STATES = ("model", "random", "frozen")
+PGD_LOSSES = ("ce", "cw", "dlr")
 ATTACKS = ("fgsm", "pgd", "eot", "frozen", "pgd_l2")
 _depth = weakref.WeakKeyDictionary()  # model -> nesting depth of model_state
 
@@ -96,9 +98,30 @@ def model_state(model, masks="model"):
             p.requires_grad_(True)
 
 
-def _loss_grad(model, x, y, targeted):
-    """d(sum CE)/dx (minus it when targeted); zeros where the output does not depend on x.
+def _loss_value_grad(model, x, y, loss, target=None):
+    """(d(sum L)/dx, L (N,), logits) for the per-sample loss L = losses.value(loss, logits, y, target);
+    zeros where the output does not depend on x. Graph-free for plain layer chains."""
+    def fn(z, rows):
+        return losses.value_and_grad(loss, z, y[rows], None if target is None else target[rows])
+    layers = inputgrad.plan(model)
+    if layers is not None:
+        r = inputgrad.value_grad(model, layers, x, fn)
+        if r is not None:
+            return r
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        z = model(x)
+    out, gz = fn(z.detach(), slice(None))
+    g = torch.autograd.grad(z, x, gz, allow_unused=True)[0] if z.requires_grad else None
+    return (torch.zeros_like(x) if g is None else g), out, z.detach()
+
+
+def _loss_grad(model, x, y, targeted, loss="ce"):
+    """d(sum L)/dx (minus it when targeted); zeros where the output does not depend on x.
     Plain layer chains skip autograd (fastmask.inputgrad: the same kernels, the same bits)."""
+    if loss != "ce":
+        g = _loss_value_grad(model, x, y, loss)[0]
+        return -g if targeted else g
     layers = inputgrad.plan(model)
     if layers is not None:
         g = inputgrad.loss_grad(model, layers, x, y, targeted)
@@ -173,23 +196,24 @@ def fgsm(model, x, y, eps, *, targeted=False, lo=0.0, hi=1.0, masks="model", bat
         return _batched(model, x, y, batch_size, one)
 
 
-def _pgd_run(model, x_nat, y, eps, alpha, steps, rand, seed, offset, norm, targeted, lo, hi, samples):
+def _pgd_run(model, x_nat, y, eps, alpha, steps, rand, seed, offset, norm, targeted, lo, hi, samples, loss):
     if rand:
         x_adv = ops.random_start(x_nat, eps, seed=seed, offset=offset, norm=norm, lo=lo, hi=hi)
     else:
         x_adv = x_nat.clone()
     for _ in range(steps):
-        g = _loss_grad(model, x_adv, y, targeted)
+        g = _loss_grad(model, x_adv, y, targeted, loss)
         for _ in range(samples - 1):  # EOT: sum (= k x mean) of the gradients over fresh draws
-            g += _loss_grad(model, x_adv, y, targeted)
+            g += _loss_grad(model, x_adv, y, targeted, loss)
         ops.pgd_step_(x_adv, x_nat, g, alpha, eps, lo, hi, norm)
     return x_adv
 
 
 def _pgd(model, x, y, eps, alpha, steps, random_start, seed, restarts, norm, targeted, lo, hi,
-         masks, batch_size, samples):
+         masks, batch_size, samples, loss="ce"):
     _check(x, y, batch_size)
     norm = _norm(norm)
+    losses.check(loss, choices=PGD_LOSSES)
     _positive_int("steps", steps)
     _positive_int("restarts", restarts)
     _positive_int("samples", samples)
@@ -200,46 +224,47 @@ def _pgd(model, x, y, eps, alpha, steps, random_start, seed, restarts, norm, tar
         best = best_broken = best_loss = None
         for r in range(restarts):
             adv = _pgd_run(model, xb, yb, eps, alpha, steps, random_start, seed, (r << 32) + k,
-                           norm, targeted, lo, hi, samples)
+                           norm, targeted, lo, hi, samples, loss)
             if restarts == 1:
                 return adv
             with torch.no_grad():  # keep the per-sample worst case: broken first, then highest loss
                 logits = model(adv)
-                loss = F.cross_entropy(logits, yb, reduction="none")
+                value = losses.value(loss, logits, yb)
                 broken = (logits.argmax(1) == yb) if targeted else (logits.argmax(1) != yb)
-                loss = -loss if targeted else loss
+                value = -value if targeted else value
             if best is None:
-                best, best_broken, best_loss = adv, broken, loss
+                best, best_broken, best_loss = adv, broken, value
                 continue
-            better = (broken & ~best_broken) | ((broken == best_broken) & (loss > best_loss))
+            better = (broken & ~best_broken) | ((broken == best_broken) & (value > best_loss))
             best[better] = adv[better]
             best_broken |= broken
-            best_loss = torch.where(better, loss, best_loss)
+            best_loss = torch.where(better, value, best_loss)
         return best
     with model_state(model, masks):
         return _batched(model, x, y, batch_size, one)
 
 
 def pgd(model, x, y, eps, alpha, steps, random_start=True, seed=0, restarts=1, norm="inf",
-        targeted=False, *, lo=0.0, hi=1.0, masks="model", batch_size=None):
+        targeted=False, *, lo=0.0, hi=1.0, masks="model", batch_size=None, loss="ce"):
     """Projected gradient descent (Madry et al.), L-inf or L2, in place with ops.pgd_step_.
 
+    loss: "ce" (cross-entropy), "cw" (margin max_{i!=y} z_i - z_y) or "dlr" (fastmask.losses).
     random_start: start from ops.random_start (uniform in the L-inf ball, uniform in
     the L2 ball) with Philox (seed, offset = restart << 32 | batch index).
     restarts > 1: per sample, keep the restart that breaks it (or, if none does,
     the one with the highest loss), so a sample counts as broken if any restart breaks it.
     """
     return _pgd(model, x, y, eps, alpha, steps, random_start, seed, restarts, norm, targeted,
-                lo, hi, masks, batch_size, 1)
+                lo, hi, masks, batch_size, 1, loss)
 
 
 def eot_pgd(model, x, y, eps, alpha, steps, samples=20, seed=0, random_start=True, restarts=1,
-            norm="inf", targeted=False, *, lo=0.0, hi=1.0, masks="random", batch_size=None):
+            norm="inf", targeted=False, *, lo=0.0, hi=1.0, masks="random", batch_size=None, loss="ce"):
     """PGD with Expectation over Transformation: each step follows the gradient
     averaged over `samples` fresh mask draws (masks="random": FeatureMask modules
-    draw at every forward; their offsets are restored afterwards)."""
+    draw at every forward; their offsets are restored afterwards). loss: as for pgd."""
     return _pgd(model, x, y, eps, alpha, steps, random_start, seed, restarts, norm, targeted,
-                lo, hi, masks, batch_size, samples)
+                lo, hi, masks, batch_size, samples, loss)
 
 
 def pgd_frozen_mask(model, x, y, eps, alpha, steps, random_start=True, seed=0, restarts=1,
