@@ -309,3 +309,9 @@ def make_attack(name, eps, *, steps=40, alpha=None, restarts=1, samples=20, seed
         return functools.partial(eot_pgd, samples=samples, masks="random" if masks == "model" else masks,
                                  **pgd_args)
     return functools.partial(pgd_frozen_mask, **pgd_args)
+
+
+# ----------------------------------------------------------------------------- AutoAttack components
+# (issue #14; each lives in its own module and imports the machinery above)
+from .apgd import apgd, apgd_targeted  # noqa: E402
+__all__ += ["apgd", "apgd_targeted"]
