@@ -315,4 +315,5 @@ def make_attack(name, eps, *, steps=40, alpha=None, restarts=1, samples=20, seed
 # (issue #14; each lives in its own module and imports the machinery above)
 from .apgd import apgd, apgd_targeted  # noqa: E402
 from .square import square  # noqa: E402
-__all__ += ["apgd", "apgd_targeted", "square"]
+from .autoattack import autoattack  # noqa: E402
+__all__ += ["apgd", "apgd_targeted", "square", "autoattack"]
