@@ -315,5 +315,6 @@ def make_attack(name, eps, *, steps=40, alpha=None, restarts=1, samples=20, seed
 # (issue #14; each lives in its own module and imports the machinery above)
 from .apgd import apgd, apgd_targeted  # noqa: E402
 from .square import square  # noqa: E402
+from .fab import fab_targeted  # noqa: E402
 from .autoattack import autoattack  # noqa: E402
-__all__ += ["apgd", "apgd_targeted", "square", "autoattack"]
+__all__ += ["apgd", "apgd_targeted", "square", "fab_targeted", "autoattack"]

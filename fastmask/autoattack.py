@@ -4,7 +4,7 @@
     x_adv, report = autoattack(model, x, y, 0.3, version="rand")  # randomized defences
 
 "standard" is the original's: APGD-CE (100 steps), APGD-T (9 targets x 100 steps),
-FAB-T (when fastmask has it: see STANDARD) and Square (5000 queries), L-inf.
+FAB-T (9 targets x 100 steps) and Square (5000 queries), L-inf.
 "rand" is for a model that draws masks at test time (fastmask.nn.FeatureMask):
 APGD-CE and APGD-DLR, each step following the gradient averaged over 20 fresh mask
 draws (EOT), and every result scored over `draws` (>= 5) independent forward draws:
@@ -24,13 +24,14 @@ import torch
 
 from .apgd import _apgd, check_eps, check_labels, check_output
 from .attacks import _check, _loss_value_grad, _norm, _positive_int, feature_masks, model_state
+from .fab import fab_targeted
 from .square import square
 
 __all__ = ["autoattack", "VERSIONS", "ATTACKS", "STANDARD", "RAND"]
 
 VERSIONS = ("standard", "rand", "custom")
-ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "square")
-STANDARD = ("apgd-ce", "apgd-t", "square")   # FAB-T: not in fastmask yet (the original runs it third)
+ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
+STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
 RAND = ("apgd-ce", "apgd-dlr")
 SQUARE_ALPHA = 0.002  # the original's threshold: Square better than the white-box attacks by > 0.2 points
 
@@ -42,6 +43,9 @@ def _runner(name, eps, norm, steps, queries, targets, eot, masks, seed, batch_si
         tg = targets if name == "apgd-t" else None
         return lambda model, x, y, st: _apgd(model, x, y, eps, norm, steps, loss, 1, 0.75, eot, masks, seed,
                                              batch_size, 0.0, 1.0, tg, st)
+    if name == "fab-t":
+        return lambda model, x, y, st: fab_targeted(model, x, y, eps, norm=norm, steps=steps, targets=targets,
+                                                    masks=masks, batch_size=batch_size, _stats=st)
     if name == "square":
         return lambda model, x, y, st: square(model, x, y, eps, norm=norm, queries=queries, seed=seed,
                                               masks=masks, batch_size=batch_size, _stats=st)
@@ -125,8 +129,8 @@ def autoattack(model, x, y, eps, *, norm="inf", version="standard", attacks=None
         raise ValueError(f"attacks= is for version='custom', got attacks={attacks!r} with version={version!r}")
     else:
         names = list(STANDARD if version == "standard" else RAND)
-    if norm == "2" and version == "standard":
-        names = [n for n in names if n != "square"]
+    if norm == "2" and version == "standard":  # Square and FAB-T are L-inf only here
+        names = [n for n in names if n not in ("square", "fab-t")]
     randomized = version == "rand"
     draws = (5 if randomized else 1) if draws is None else _positive_int("draws", draws)
     if randomized and draws < 5:
@@ -142,7 +146,7 @@ def autoattack(model, x, y, eps, *, norm="inf", version="standard", attacks=None
     if n:
         classes = check_output(z, 1)
         check_labels(y, classes)
-        if "apgd-t" in names and targets >= classes:
+        if ("apgd-t" in names or "fab-t" in names) and targets >= classes:
             raise ValueError(f"targets must be an integer in [1, classes - 1 = {classes - 1}], got {targets}")
     t_all = time.perf_counter()
     flags = _flags(model, x, y, version, masks, batch_size) if n else []
@@ -156,7 +160,8 @@ def autoattack(model, x, y, eps, *, norm="inf", version="standard", attacks=None
     for name, run in runners:
         todo = correct.any(1).nonzero().squeeze(1)
         entry = {"name": name, "attacked": int(todo.numel())}
-        stats = {"grads": 0} if name.startswith("apgd") else {"queries": 0}
+        stats = {"grads": 0} if name.startswith("apgd") else {"queries": 0} if name == "square" else \
+            {"grads": 0, "queries": 0}
         t0 = time.perf_counter()
         if todo.numel():
             xa = run(model, x[todo], y[todo], stats)

@@ -7,6 +7,7 @@ misclassification), computed per sample on N x K logits:
   "cw"            the margin max_{i != y} z_i - z_y (Carlini & Wagner; the MNIST challenge)
   "dlr"           -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12)         (Croce & Hein 2020)
   "dlr-targeted"  -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)
+  "logit-diff"    z_t - z_y (FAB-T's linearised function: the boundary to the target is 0)
 
 where z_pi1 >= z_pi2 >= ... are the sorted logits and t the target class. The
 ordering of ties is torch.sort's (ascending, as in fra31/auto-attack), so
@@ -19,8 +20,8 @@ import torch
 
 __all__ = ["LOSSES", "check", "value", "grad", "value_and_grad"]
 
-LOSSES = ("ce", "cw", "dlr", "dlr-targeted")
-_MIN_CLASSES = {"ce": 1, "cw": 2, "dlr": 3, "dlr-targeted": 4}
+LOSSES = ("ce", "cw", "dlr", "dlr-targeted", "logit-diff")
+_MIN_CLASSES = {"ce": 1, "cw": 2, "dlr": 3, "dlr-targeted": 4, "logit-diff": 2}
 _A = torch.ops.aten
 
 
@@ -47,6 +48,8 @@ def value(name, z, y, target=None):
     zy = z[rows, y]
     if name == "ce":
         return torch.nn.functional.cross_entropy(z, y, reduction="none")
+    if name == "logit-diff":
+        return z[rows, target] - zy
     zs, order = z.sort(dim=1)
     if name in ("cw", "dlr"):
         zm = torch.where(order[:, -1] == y, zs[:, -2], zs[:, -1])
@@ -75,6 +78,10 @@ def value_and_grad(name, z, y, target=None):
     m, order = _others_max(z, y)
     zy = z[rows, y]
     g = torch.zeros_like(z)
+    if name == "logit-diff":
+        g[rows, target] = 1.0
+        g[rows, y] -= 1.0
+        return z[rows, target] - zy, g
     if name == "cw":
         g[rows, m] = 1.0
         g[rows, y] -= 1.0

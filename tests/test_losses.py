@@ -20,6 +20,8 @@ Z = torch.tensor([[1.0, 4.0, 2.0, 0.0, 3.0]], dtype=torch.float64)
     ("dlr", 1, None, -0.5, [0, -0.5 + 0.25, -0.25, 0, 0.5]),
     # -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2) = -(1 - 0) / (4 - 1.5)
     ("dlr-targeted", 0, 3, -0.4, [-0.48, 0.16, -0.08, 0.4, 0]),
+    # z_t - z_y
+    ("logit-diff", 0, 3, -1.0, [-1, 0, 0, 1, 0]),
 ])
 def test_hand_computed_values_and_gradients(name, y, t, value, grad):
     yy = torch.tensor([y])
@@ -55,7 +57,7 @@ def _close(a, b):  # float32 rounding, relative to the largest entry (DLR's deno
     return (a - b).abs().max() <= 1e-5 * b.abs().max()
 
 
-@pytest.mark.parametrize("name", ["cw", "dlr", "dlr-targeted"])
+@pytest.mark.parametrize("name", ["cw", "dlr", "dlr-targeted", "logit-diff"])
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
 def test_graph_free_input_gradient_of_each_loss_equals_autograd(name, arch):
     model = models.build(arch, seed=1).eval()

@@ -126,4 +126,4 @@ def test_wilson_interval():
     assert lo == 0.0 and hi == pytest.approx(1.959963984540054 ** 2 / (10 + 1.959963984540054 ** 2))
     lo, hi = wilson(90, 100)
     assert (lo, hi) == (pytest.approx(0.82563, abs=1e-5), pytest.approx(0.94477, abs=1e-5))
-    assert wilson(5, 0) == (0.0, 1.0)
+    assert wilson(5, 0) == (0.0, 1.0) and wilson(500, 500)[1] == 1.0 and wilson(0, 500)[0] == 0.0

@@ -1,4 +1,4 @@
-"""fastmask's APGD-CE, APGD-T and Square agree with torchattacks' APGD, APGDT and Square
+"""fastmask's APGD-CE, APGD-T, FAB-T and Square agree with torchattacks' APGD, APGDT, FAB and Square
 (configured as the original, with fewer steps / queries for speed but equal on both sides)
 on the committed adversarially trained CNN: each robust accuracy lies in the 95 % Wilson
 interval of the other's (benchmarks/compare_autoattack.py runs the full-size comparison)."""
@@ -9,6 +9,7 @@ import torch
 
 from fastmask import apgd as A
 from fastmask import data as D
+from fastmask import fab as F
 from fastmask import models as M
 from fastmask import square as S
 from fastmask import stats
@@ -40,7 +41,7 @@ def _agree(k_fm, k_ta):
     assert lo <= k_ta / N <= hi and lo2 <= k_fm / N <= hi2, (k_fm, k_ta)
 
 
-@pytest.mark.parametrize("which", ["apgd-ce", "apgd-t", "square"])
+@pytest.mark.parametrize("which", ["apgd-ce", "apgd-t", "fab-t", "square"])
 def test_agrees_with_torchattacks(which, setup):
     model, x, y = setup
     if which == "apgd-ce":
@@ -49,6 +50,10 @@ def test_agrees_with_torchattacks(which, setup):
     elif which == "apgd-t":
         fm = A.apgd_targeted(model, x, y, EPS, steps=STEPS)
         other = ta.APGDT(model, norm="Linf", eps=EPS, steps=STEPS, n_restarts=1, seed=0, n_classes=10)
+    elif which == "fab-t":
+        fm = F.fab_targeted(model, x, y, EPS, steps=STEPS)
+        other = ta.FAB(model, norm="Linf", eps=EPS, steps=STEPS, n_restarts=1, alpha_max=0.1, eta=1.05, beta=0.9,
+                       seed=0, multi_targeted=True, n_classes=10)
     else:
         fm = S.square(model, x, y, EPS, queries=QUERIES)
         other = ta.Square(model, norm="Linf", eps=EPS, n_queries=QUERIES, n_restarts=1, p_init=0.8,
