@@ -156,14 +156,16 @@ def _run(model, x, x_adv, y, target, eps, steps, norm, loss, rho, eot, lo, hi, s
     ctl = StepControl(v, steps, rho, 2 * eps)
     x_best, g_best, x_old = x_adv.clone(), g.clone(), x_adv.clone()
     tgt = target
+    # L-inf: the ball and [lo, hi] as one box per element (clamp to it = the original's min/max then clamp)
+    box_lo, box_hi = ((x - eps).clamp_(min=lo), (x + eps).clamp_(max=hi)) if norm == "inf" else (x, x)
     for i in range(steps + 1):
         broken = z.argmax(1) != y
         if broken.any():  # record and drop the samples that are misclassified now
             out[idx[broken]] = x_adv[broken]
             broken_all[idx[broken]] = True
             keep = ~broken
-            idx, x, y, x_adv, x_old, x_best, g, g_best = (
-                t[keep] for t in (idx, x, y, x_adv, x_old, x_best, g, g_best))
+            idx, x, y, x_adv, x_old, x_best, g, g_best, box_lo, box_hi = (
+                t[keep] for t in (idx, x, y, x_adv, x_old, x_best, g, g_best, box_lo, box_hi))
             tgt = None if tgt is None else tgt[keep]
             v = v[keep]
             if i > 0:
@@ -181,8 +183,12 @@ def _run(model, x, x_adv, y, target, eps, steps, norm, loss, rho, eot, lo, hi, s
                 g[halve] = g_best[halve]
         # the step: x1 = P(x + eta * u(g)); x_new = P(x + a (x1 - x) + (1 - a)(x - x_old))
         a = 1.0 if i == 0 else 0.75
-        x1 = _project(x, x_adv + _view(ctl.eta, x) * _unit(g, norm), eps, norm, lo, hi)
-        x_new = _project(x, x_adv + a * (x1 - x_adv) + (1 - a) * (x_adv - x_old), eps, norm, lo, hi)
+        if norm == "inf":
+            x1 = torch.clamp(torch.addcmul(x_adv, _view(ctl.eta, x), g.sign()), box_lo, box_hi)
+            x_new = torch.clamp(x_adv + a * (x1 - x_adv) + (1 - a) * (x_adv - x_old), box_lo, box_hi)
+        else:
+            x1 = _project(x, x_adv + _view(ctl.eta, x) * _unit(g, norm), eps, norm, lo, hi)
+            x_new = _project(x, x_adv + a * (x1 - x_adv) + (1 - a) * (x_adv - x_old), eps, norm, lo, hi)
         x_old, x_adv = x_adv, x_new
         g, v, z = _value_grad(model, x_adv, y, loss, tgt, eot)
         stats["grads"] += idx.numel() * eot
