@@ -123,3 +123,24 @@ def test_bad_input(kw, match):
     eps = kw.pop("eps", 0.01)
     with pytest.raises(ValueError, match=match):
         AA.autoattack(model, x, y, eps, queries=2, **{"steps": 2, **kw})
+
+
+class _Counting(torch.nn.Module):
+    """Changes its own state at every forward: a dynamic defence."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.model(x)
+
+
+def test_dynamic_defence_flag():
+    model, x, y = _setup(n=8)
+    _, rep = AA.autoattack(_Counting(model), x, y, 0.01, version="custom", attacks=["apgd-ce"], steps=2)
+    assert any(f.startswith("dynamic defence") for f in rep["flags"])
+    _, rep = AA.autoattack(model, x, y, 0.01, version="custom", attacks=["apgd-ce"], steps=2)
+    assert not any(f.startswith("dynamic defence") for f in rep["flags"])
