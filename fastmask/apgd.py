@@ -221,7 +221,8 @@ def _apgd(model, x, y, eps, norm, steps, loss, restarts, rho, eot_samples, masks
         losses.check(loss, classes, APGD_LOSSES if targets is None else ("dlr-targeted",))
         if targets is not None and targets >= classes:
             raise ValueError(f"targets must be an integer in [1, classes - 1 = {classes - 1}], got {targets}")
-        robust = z.argmax(1) == yb
+        # under fresh mask draws one forward says little: every sample is attacked
+        robust = z.argmax(1) == yb if masks != "random" else torch.ones_like(yb, dtype=torch.bool)
         order = z.argsort(dim=1, descending=True)  # the target of rank j: the j-th highest non-top class
         adv = xb.clone()
         for t in range(1 if targets is None else targets):
@@ -260,7 +261,8 @@ def apgd(model, x, y, eps, *, norm="inf", steps=100, loss="ce", restarts=1, rho=
 
     Returns:
         Tensor like x: where the attack misclassifies, the adversarial point; for samples
-        misclassified already, x itself; for the rest, each one's highest-loss point.
+        misclassified already, x itself (with masks="random" every sample is attacked);
+        for the rest, each one's highest-loss point.
     """
     return _apgd(model, x, y, eps, norm, steps, loss, restarts, rho, eot_samples, masks, seed,
                  batch_size, lo, hi, None, {"grads": 0})

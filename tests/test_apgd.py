@@ -204,3 +204,12 @@ def test_bad_targets(targets, match):
 
 def test_exported_from_attacks():
     assert attacks.apgd is A.apgd and attacks.apgd_targeted is A.apgd_targeted
+
+
+def test_random_masks_attack_every_sample():
+    model = models.build("mlp", {"ratio": 0.5, "seed": 0}).eval()
+    x = torch.rand(12, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 10, (12,), generator=torch.Generator().manual_seed(1))
+    stats = {"grads": 0}
+    A._apgd(model, x, y, 0.05, "inf", 3, "ce", 1, 0.75, 2, "random", 0, None, 0.0, 1.0, None, stats)
+    assert stats["grads"] >= 12 * 2  # the start point of every sample, 2 draws each, whatever one forward said
