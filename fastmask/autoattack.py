@@ -74,10 +74,14 @@ def _summary(c, n):
 def _flags(model, x, y, version, masks, batch_size):
     flags = []
     xs, ys = x[:min(len(x), 100)], y[:min(len(y), 100)]
-    state = [t.detach().clone() for t in list(model.parameters()) + list(model.buffers())]
+    drawn = {id(b) for m in feature_masks(model) for b in m.buffers()}  # mask offsets: advance by design
+
+    def tensors():
+        return [t for t in list(model.parameters()) + list(model.buffers()) if id(t) not in drawn]
+    state = [t.detach().clone() for t in tensors()]
     with torch.no_grad(), model_state(model, masks):
         z1, z2 = model(xs), model(xs)
-    changed = any(not torch.equal(a, b) for a, b in zip(state, list(model.parameters()) + list(model.buffers())))
+    changed = any(not torch.equal(a, b) for a, b in zip(state, tensors()))
     if not torch.equal(z1, z2) and version != "rand":
         flags.append("randomized model: two forwards of the same input differ; use version='rand'")
     if changed:
@@ -140,6 +144,15 @@ def autoattack(model, x, y, eps, *, norm="inf", version="standard", attacks=None
     runners = [(n, _runner(n, eps, norm, steps, queries, targets, eot, masks, seed, batch_size)) for n in names]
     say = log if log is not None else (lambda line: None)
 
+    # one model_state around the whole cascade: nested blocks restore mask offsets only at the
+    # outermost exit, so no attack or scoring forward reuses another's mask draw
+    with model_state(model, masks):
+        return _cascade(model, x, y, eps, norm, version, names, runners, draws, masks, seed, targets,
+                        batch_size, say)
+
+
+def _cascade(model, x, y, eps, norm, version, names, runners, draws, masks, seed, targets, batch_size, say):
+    randomized = version == "rand"
     n = x.shape[0]
     with torch.no_grad(), model_state(model, masks):
         z = model(x[:1]) if n else None

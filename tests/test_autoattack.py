@@ -144,3 +144,15 @@ def test_dynamic_defence_flag():
     assert any(f.startswith("dynamic defence") for f in rep["flags"])
     _, rep = AA.autoattack(model, x, y, 0.01, version="custom", attacks=["apgd-ce"], steps=2)
     assert not any(f.startswith("dynamic defence") for f in rep["flags"])
+
+
+def test_rand_never_reuses_a_mask_draw():
+    model, x, y = _setup(n=10, mask={"ratio": 0.5, "seed": 0})
+    (fm,) = attacks.feature_masks(model)
+    seen = []
+    h = fm.register_forward_pre_hook(lambda m, args: seen.append(int(m.step)))
+    try:
+        AA.autoattack(model, x, y, 0.02, version="rand", steps=2, eot_samples=2, draws=5)
+    finally:
+        h.remove()
+    assert len(seen) > 30 and len(set(seen)) == len(seen)  # every forward of the cascade: a fresh offset
