@@ -20,8 +20,9 @@ with defaults and checks) is what make_attack, evaluate.robustness, the honest
 evaluation and `fastmask evaluate --attack-opt NAME.KEY=VALUE` read; a new
 attack is one function, one register(Attack(...)) and one test (DEVELOPERS.md).
 
-The loss is the summed cross-entropy (per-sample gradients do not depend on the
-batch). Targeted attacks descend the loss to the target labels instead.
+The loss is summed over the batch (per-sample gradients do not depend on the
+batch): the cross-entropy by default, or loss="cw" / "dlr" (fastmask.losses).
+Targeted attacks descend the loss to the target labels instead.
 
 masks= says what the FeatureMask modules do while the attack runs:
   "model"  - what the model does in eval mode (no mask, or its consistent mask)
@@ -42,13 +43,14 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks as C
-from . import inputgrad, ops
+from . import inputgrad, losses, ops
 
 __all__ = ["fgsm", "pgd", "eot_pgd", "pgd_frozen_mask", "transfer", "make_attack", "default_alpha",
            "model_state", "feature_masks", "input_grad", "check_inputs", "MASK_STATES", "ATTACKS",
            "Setting", "Attack", "REGISTRY", "register", "get", "parse_options"]
 
 MASK_STATES = ("model", "random", "frozen")
+PGD_LOSSES = ("ce", "cw", "dlr")
 _depth = weakref.WeakKeyDictionary()  # model -> nesting depth of model_state
 
 
@@ -109,9 +111,30 @@ def model_state(model, masks="model"):
             p.requires_grad_(True)
 
 
-def _loss_grad(model, x, y, targeted):
-    """d(sum CE)/dx (minus it when targeted); zeros where the output does not depend on x.
+def _loss_value_grad(model, x, y, loss, target=None):
+    """(d(sum L)/dx, L (N,), logits) for the per-sample loss L = losses.value(loss, logits, y, target);
+    zeros where the output does not depend on x. Graph-free for plain layer chains."""
+    def fn(z, rows):
+        return losses.value_and_grad(loss, z, y[rows], None if target is None else target[rows])
+    layers = inputgrad.plan(model)
+    if layers is not None:
+        r = inputgrad.value_grad(model, layers, x, fn)
+        if r is not None:
+            return r
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        z = model(x)
+    out, gz = fn(z.detach(), slice(None))
+    g = torch.autograd.grad(z, x, gz, allow_unused=True)[0] if z.requires_grad else None
+    return (torch.zeros_like(x) if g is None else g), out, z.detach()
+
+
+def _loss_grad(model, x, y, targeted, loss="ce"):
+    """d(sum L)/dx (minus it when targeted); zeros where the output does not depend on x.
     Plain layer chains skip autograd (fastmask.inputgrad: the same kernels, the same bits)."""
+    if loss != "ce":
+        g = _loss_value_grad(model, x, y, loss)[0]
+        return -g if targeted else g
     layers = inputgrad.plan(model)
     if layers is not None:
         g = inputgrad.loss_grad(model, layers, x, y, targeted)
@@ -179,23 +202,24 @@ def fgsm(model, x, y, eps, *, targeted=False, lo=0.0, hi=1.0, masks="model", bat
         return _batched(model, x, y, batch_size, one)
 
 
-def _pgd_run(model, x_nat, y, eps, alpha, steps, rand, seed, offset, norm, targeted, lo, hi, samples):
+def _pgd_run(model, x_nat, y, eps, alpha, steps, rand, seed, offset, norm, targeted, lo, hi, samples, loss):
     if rand:
         x_adv = ops.random_start(x_nat, eps, seed=seed, offset=offset, norm=norm, lo=lo, hi=hi)
     else:
         x_adv = x_nat.clone()
     for _ in range(steps):
-        g = _loss_grad(model, x_adv, y, targeted)
+        g = _loss_grad(model, x_adv, y, targeted, loss)
         for _ in range(samples - 1):  # EOT: sum (= k x mean) of the gradients over fresh draws
-            g += _loss_grad(model, x_adv, y, targeted)
+            g += _loss_grad(model, x_adv, y, targeted, loss)
         ops.pgd_step_(x_adv, x_nat, g, alpha, eps, lo, hi, norm)
     return x_adv
 
 
 def _pgd(model, x, y, eps, alpha, steps, random_start, seed, restarts, norm, targeted, lo, hi,
-         masks, batch_size, samples):
+         masks, batch_size, samples, loss="ce"):
     check_inputs(x, y, batch_size)
     norm = C.norm("norm", norm)
+    losses.check(loss, choices=PGD_LOSSES)
     C.positive_int("steps", steps)
     C.positive_int("restarts", restarts)
     C.positive_int("samples", samples)
@@ -208,47 +232,48 @@ def _pgd(model, x, y, eps, alpha, steps, random_start, seed, restarts, norm, tar
         best = best_broken = best_loss = None
         for r in range(restarts):
             adv = _pgd_run(model, xb, yb, eps, alpha, steps, random_start, seed, (r << 32) + k,
-                           norm, targeted, lo, hi, samples)
+                           norm, targeted, lo, hi, samples, loss)
             if restarts == 1:
                 return adv
             with torch.no_grad():  # keep the per-sample worst case: broken first, then highest loss
                 logits = model(adv)
-                loss = F.cross_entropy(logits, yb, reduction="none")
+                value = losses.value(loss, logits, yb)
                 broken = (logits.argmax(1) == yb) if targeted else (logits.argmax(1) != yb)
-                loss = -loss if targeted else loss
+                value = -value if targeted else value
             if best is None:
-                best, best_broken, best_loss = adv, broken, loss
+                best, best_broken, best_loss = adv, broken, value
                 continue
-            better = (broken & ~best_broken) | ((broken == best_broken) & (loss > best_loss))
+            better = (broken & ~best_broken) | ((broken == best_broken) & (value > best_loss))
             best[better] = adv[better]
             best_broken |= broken
-            best_loss = torch.where(better, loss, best_loss)
+            best_loss = torch.where(better, value, best_loss)
         return best
     with model_state(model, masks):
         return _batched(model, x, y, batch_size, one)
 
 
 def pgd(model, x, y, eps, *, steps=40, alpha=None, random_start=True, seed=0, restarts=1, norm="inf",
-        targeted=False, lo=0.0, hi=1.0, masks="model", batch_size=None):
+        targeted=False, lo=0.0, hi=1.0, masks="model", batch_size=None, loss="ce"):
     """Projected gradient descent (Madry et al.), L-inf or L2, in place with ops.pgd_step_.
 
     alpha: the step; None is default_alpha(eps, steps) = 2.5 * eps / steps.
+    loss: "ce" (cross-entropy), "cw" (margin max_{i!=y} z_i - z_y) or "dlr" (fastmask.losses).
     random_start: start from ops.random_start (uniform in the L-inf ball, uniform in
     the L2 ball) with Philox (seed, offset = restart << 32 | batch index).
     restarts > 1: per sample, keep the restart that breaks it (or, if none does,
     the one with the highest loss), so a sample counts as broken if any restart breaks it.
     """
     return _pgd(model, x, y, eps, alpha, steps, random_start, seed, restarts, norm, targeted,
-                lo, hi, masks, batch_size, 1)
+                lo, hi, masks, batch_size, 1, loss)
 
 
 def eot_pgd(model, x, y, eps, *, steps=40, alpha=None, samples=20, seed=0, random_start=True, restarts=1,
-            norm="inf", targeted=False, lo=0.0, hi=1.0, masks="random", batch_size=None):
+            norm="inf", targeted=False, lo=0.0, hi=1.0, masks="random", batch_size=None, loss="ce"):
     """PGD with Expectation over Transformation: each step follows the gradient
     averaged over `samples` fresh mask draws (masks="random": FeatureMask modules
-    draw at every forward; their offsets are restored afterwards)."""
+    draw at every forward; their offsets are restored afterwards). loss: as for pgd."""
     return _pgd(model, x, y, eps, alpha, steps, random_start, seed, restarts, norm, targeted,
-                lo, hi, masks, batch_size, samples)
+                lo, hi, masks, batch_size, samples, loss)
 
 
 def pgd_frozen_mask(model, x, y, eps, *, steps=40, alpha=None, random_start=True, seed=0, restarts=1,
@@ -451,3 +476,31 @@ def parse_options(specs, *, flag="--attack-opt"):
         except (ValueError, TypeError) as e:
             raise ValueError(str(e)) from None
     return out
+
+
+# ----------------------------------------------------------------------------- AutoAttack components
+# (each in its own module, importing the machinery above; registered after the entries above,
+# with honest=None, so the honest evaluation's attacks and mask draws do not move)
+from .apgd import apgd, apgd_targeted  # noqa: E402
+from .square import square  # noqa: E402
+from .fab import fab_targeted  # noqa: E402
+from .autoattack import autoattack, autoattack_examples  # noqa: E402
+__all__ += ["apgd", "apgd_targeted", "square", "fab_targeted", "autoattack"]
+
+_APGD = {"steps": Setting(100, C.positive_int, int, "iterations"),
+         "restarts": RESTARTS,
+         "rho": Setting(0.75, C.positive, float, "step-halving threshold")}
+_LOSS = Setting("ce", lambda n, v: losses.check(v, choices=("ce", "dlr")), str, "ce or dlr")
+register(Attack("apgd", apgd, dict(_APGD, loss=_LOSS), honest=None, help="Auto-PGD (Croce & Hein 2020), L-inf"))
+register(Attack("apgd_t", apgd_targeted, dict(_APGD, targets=Setting(9, C.positive_int, int, "target classes")),
+                honest=None, help="Auto-PGD on the targeted DLR loss, the top-k other classes in turn"))
+register(Attack("fab_t", fab_targeted, {"steps": Setting(100, C.positive_int, int, "iterations"),
+                                        "targets": Setting(9, C.positive_int, int, "target classes")},
+                honest=None, help="targeted FAB (Croce & Hein 2020), L-inf"))
+register(Attack("square", square, {"queries": Setting(5000, C.positive_int, int, "queries per sample"),
+                                   "p_init": Setting(0.8, C.positive, float, "initial square size (fraction)")},
+                kind="black_box", honest=None, help="Square Attack (Andriushchenko et al. 2020), gradient-free, L-inf"))
+register(Attack("autoattack", autoattack_examples,
+                {"version": Setting("standard", lambda n, v: C.choice(n, v, ("standard", "rand")), str,
+                                    "standard or rand")},
+                honest=None, help="the AutoAttack cascade (APGD-CE, APGD-T, FAB-T, Square; rand: EOT)"))

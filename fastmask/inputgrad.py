@@ -1,4 +1,5 @@
-"""The attack gradient d(sum CE)/dx of a plain layer chain, without building an autograd graph.
+"""The attack gradient d(sum CE)/dx (or of any per-sample loss on the logits, value_grad) of a
+plain layer chain, without building an autograd graph.
 
 An attack step needs only the input gradient. For a model that is a chain of
 Flatten / Linear / ReLU / Conv2d / MaxPool2d / Identity modules (the paper's MLP
@@ -30,7 +31,7 @@ from torch import nn
 from torch.nn.modules import module as _module
 from torch.nn.modules.utils import _pair
 
-__all__ = ["plan", "loss_grad", "pieces", "CPU_CHUNK_BYTES", "MIN_PIECE"]
+__all__ = ["plan", "loss_grad", "value_grad", "pieces", "CPU_CHUNK_BYTES", "MIN_PIECE"]
 
 CPU_CHUNK_BYTES = 8 << 20  # largest activation of one micro-batch on CPU; 0: no micro-batches
 MIN_PIECE = 32             # rows per micro-batch at least (equal pieces, differing by at most 1)
@@ -140,6 +141,14 @@ def _backward(layers, saved, g):
     return g
 
 
+def _one_value(layers, x, rows, fn):
+    logits, saved = _forward(layers, x)
+    if logits.dim() != 2:
+        raise _Unsupported
+    out, g = fn(logits, rows)
+    return _backward(layers, saved, g), out, logits
+
+
 def _one(layers, x, y, targeted):
     logits, saved = _forward(layers, x)
     if logits.dim() != 2:
@@ -184,3 +193,25 @@ def loss_grad(model, layers, x, y, targeted=False):
     except _Unsupported:
         return None
 
+
+
+def value_grad(model, layers, x, fn):
+    """(d(sum_i L_i)/dx, L, logits) through `layers` = plan(model), for any per-sample loss
+    given by fn(logits, rows) -> (L (n,), dL/dlogits (n x K)), where rows is the slice of x
+    the logits belong to (micro-batches); None when a layer meets an input it does not handle."""
+    p = next(p for m in layers for p in m.parameters(recurse=False))
+    if x.dtype != p.dtype or x.device != p.device:
+        return None
+    x = x.detach()
+    try:
+        with torch.no_grad():
+            k = pieces(model, layers, x)
+            if k == 1:
+                return _one_value(layers, x, slice(0, x.shape[0]), fn)
+            parts, i = [], 0
+            for xp in x.tensor_split(k):
+                parts.append(_one_value(layers, xp, slice(i, i + xp.shape[0]), fn))
+                i += xp.shape[0]
+            return tuple(torch.cat(t) for t in zip(*parts))
+    except _Unsupported:
+        return None

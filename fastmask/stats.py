@@ -4,6 +4,7 @@
 - mcnemar(correct_a, correct_b): McNemar's exact test on paired per-sample
   correctness (two-sided binomial test on the discordant pairs).
 - paired_t(a, b): paired t-test across seeds.
+- wilson(k, n): the Wilson score interval of a binomial proportion k / n.
 - compare(row, baseline): difference plus a test; a row is only ever called
   "more robust" (or "less robust") when p < alpha.
 - versus_baseline(rows, baseline, correct): compare() of every row against the
@@ -16,7 +17,7 @@ neither numpy nor scipy; tests check it against scipy.
 """
 import math
 
-__all__ = ["summary", "t_cdf", "t_ppf", "mcnemar", "paired_t", "compare", "versus_baseline"]
+__all__ = ["summary", "t_cdf", "t_ppf", "mcnemar", "paired_t", "compare", "versus_baseline", "wilson"]
 
 
 def _values(v, name):
@@ -111,6 +112,17 @@ def summary(values, confidence=0.95):
         half = t_ppf(0.5 + confidence / 2.0, n - 1) * std / math.sqrt(n)
     return {"mean": mean, "std": std, "n": n, "confidence": confidence,
             "ci_low": mean - half, "ci_high": mean + half, "half_width": half}
+
+
+def wilson(k, n, z=1.959963984540054):
+    """(low, high): the Wilson score interval of the proportion k / n (default 95 %)."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    # at k = 0 (k = n) the bound is 0 (1) exactly; rounding would leave it a hair inside
+    return (0.0 if k == 0 else max(0.0, centre - half)), (1.0 if k == n else min(1.0, centre + half))
 
 
 def _binom_two_sided(k, n):

@@ -124,3 +124,21 @@ def test_attack_verify_catches_a_wrong_attack():
         bench_attacks.verify("torchattacks", one_sample, ref, x, "pgd")
     with pytest.raises(AssertionError, match="differs from fastmask"):
         bench_attacks.verify("eager", one_sample, ref, x, "pgd")
+
+
+def test_compare_autoattack_tiny_run(tmp_path):
+    pytest.importorskip("torchattacks")
+    from benchmarks import compare_autoattack as C
+    from fastmask import data as D
+    try:
+        D.load("mnist")
+    except D.DataError as e:
+        pytest.skip(f"no MNIST: {e}")
+    out = tmp_path / "aa.md"
+    rows = C.main(["--n", "8", "--steps", "2", "--queries", "3", "--models", "cnn_pgd3", "--eps", "0.3",
+                   "--out", str(out)])
+    (row,) = rows
+    assert [s["attack"] for s in row["stages"]] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert all(0 <= s["fastmask"] <= 1 and s["wilson95"][0] <= s["fastmask"] <= s["wilson95"][1]
+               for s in row["stages"])
+    assert row["speedup_cpu"] > 0 and "| cnn_pgd3 | 0.3 |" in out.read_text()

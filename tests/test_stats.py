@@ -118,3 +118,12 @@ def test_compare_needs_significance_before_calling_anything_more_robust():
     assert r["verdict"] == "no significant difference"
     with pytest.raises(ValueError, match="test"):
         stats.compare(a, b, test="wilcoxon")
+
+
+def test_wilson_interval():
+    from fastmask.stats import wilson
+    lo, hi = wilson(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(1.959963984540054 ** 2 / (10 + 1.959963984540054 ** 2))
+    lo, hi = wilson(90, 100)
+    assert (lo, hi) == (pytest.approx(0.82563, abs=1e-5), pytest.approx(0.94477, abs=1e-5))
+    assert wilson(5, 0) == (0.0, 1.0) and wilson(500, 500)[1] == 1.0 and wilson(0, 500)[0] == 0.0

@@ -1,0 +1,240 @@
+"""fastmask's AutoAttack cascade against the same cascade built from torchattacks components.
+
+Same model, same images, same run, one torch thread: the committed adversarially
+trained CNN (docs/measured/cnn_pgd3.pt) and a standard CNN (trained here for one
+epoch if --standard does not exist), the first --n MNIST test images, L-inf at each
+--eps. Both cascades run APGD-CE (100 steps), APGD-T (9 targets x 100 steps), FAB-T and
+Square (5000 queries, p_init 0.8, no schedule rescaling), each on the points still
+robust, configured as the original (torchattacks' own AutoAttack class defaults to
+10 steps, so the cascade is built from APGD / APGDT / FAB / Square here), and FAB-T
+(9 targets x 100 steps, alpha_max 0.1, eta 1.05, beta 0.9) third unless --no-fab.
+
+Agreement: each robust accuracy (after each stage and at the end) of torchattacks
+must lie in the 95 % Wilson interval of fastmask's (n images). Timing: wall and
+process CPU seconds of each cascade, alternating fastmask / torchattacks for
+--repeats runs, and the ratio of medians. Where fastmask's time goes: per attack,
+the model's forward + backward (gradient evaluations x the measured cost of one
+per-sample gradient, queries x one per-sample forward) against the rest (bookkeeping).
+
+    nice -n 5 .venv/bin/python -m benchmarks.compare_autoattack --n 500 --eps 0.3,0.1 \\
+        --out results/compare_autoattack.md
+    .venv/bin/python -m benchmarks.compare_autoattack --n 32 --steps 5 --queries 50 --out /tmp/aa.md  # smoke
+"""
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from fastmask import attacks, autoattack as AA, data as D, models as M, ops, stats
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def standard_cnn(path, seed=0):
+    """A standard (not adversarially trained) CNN: one epoch of Adam on MNIST, cached at `path`."""
+    path = Path(path)
+    if path.exists():
+        return M.load(path)
+    d = D.load("mnist")
+    x, y = D.to_float(d.x_train), d.y_train
+    model = M.build("cnn", seed=seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(x), generator=g)
+    model.train()
+    for i in range(0, len(x), 100):
+        b = order[i:i + 100]
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[b]), y[b]).backward()
+        opt.step()
+    model.eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return model
+
+
+def load_standard(path):
+    path = Path(path)
+    if path.exists():
+        model = M.build("cnn")
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval()
+    return standard_cnn(path).eval()
+
+
+def correct(model, x, y):
+    with torch.no_grad():
+        return model(x).argmax(1) == y
+
+
+def fastmask_cascade(model, x, y, eps, steps, queries, seed, fab):
+    names = list(AA.STANDARD) if fab else [n for n in AA.STANDARD if n != "fab-t"]
+    _, rep = AA.autoattack(model, x, y, eps, version="custom", attacks=names, steps=steps, queries=queries,
+                           seed=seed)
+    return {"clean": rep["clean"]["mean"], "stages": [(e["name"], e["robust"]["mean"], e["seconds"],
+                                                       {"grads": e.get("grads", 0), "queries": e.get("queries", 0)})
+                                                      for e in rep["attacks"]],
+            "robust": rep["robust"]["mean"]}
+
+
+def torchattacks_cascade(model, x, y, eps, steps, queries, seed, fab):
+    import torchattacks as ta
+    comps = [("apgd-ce", ta.APGD(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=seed, loss="ce")),
+             ("apgd-t", ta.APGDT(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=seed, n_classes=10)),
+             ("square", ta.Square(model, norm="Linf", eps=eps, n_queries=queries, n_restarts=1, p_init=0.8,
+                                  loss="margin", resc_schedule=False, seed=seed))]
+    if fab:
+        comps.insert(2, ("fab-t", ta.FAB(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, alpha_max=0.1,
+                                         eta=1.05, beta=0.9, seed=seed, multi_targeted=True, n_classes=10)))
+    rob = correct(model, x, y)
+    out = {"clean": rob.double().mean().item(), "stages": []}
+    for name, atk in comps:
+        t0, c0 = time.perf_counter(), time.process_time()
+        idx = rob.nonzero().squeeze(1)
+        if idx.numel():
+            xa = atk(x[idx], y[idx])
+            rob[idx] = correct(model, xa, y[idx]) & ((xa - x[idx]).abs().flatten(1).amax(1) <= eps + 1e-5)
+        out["stages"].append((name, rob.double().mean().item(), time.perf_counter() - t0,
+                              time.process_time() - c0))
+    out["robust"] = out["stages"][-1][1]
+    return out
+
+
+def per_sample_costs(model, x, y, reps=5):
+    """(seconds of one per-sample gradient, of one per-sample forward) on this batch (minimum of reps)."""
+    from fastmask.attacks import _loss_value_grad, model_state
+    with model_state(model):
+        tg, tf = [], []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            _loss_value_grad(model, x, y, "dlr")
+            tg.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                model(x)
+            tf.append(time.perf_counter() - t0)
+    return min(tg) / len(x), min(tf) / len(x)
+
+
+def step_ratio(model, x, y, eps, steps=10, reps=3):
+    """Seconds per sample-gradient of APGD-CE over PGD (the same steps, images, model), the
+    minimum of `reps` interleaved runs each. APGD drops broken points, so it is per sample-gradient."""
+    from fastmask import apgd as A
+    tp, ta_ = [], []
+    for _ in range(reps):
+        t0 = time.process_time()
+        attacks.pgd(model, x, y, eps, 2.5 * eps / steps, steps)
+        tp.append((time.process_time() - t0) / (len(x) * steps))
+        st = {"grads": 0}
+        t0 = time.process_time()
+        A._apgd(model, x, y, eps, "inf", steps, "ce", 1, 0.75, 1, "model", 0, None, 0.0, 1.0, None, st)
+        ta_.append((time.process_time() - t0) / st["grads"])
+    return min(ta_) / min(tp), min(tp), min(ta_)
+
+
+def timed(fn):
+    w, c = time.perf_counter(), time.process_time()
+    r = fn()
+    return r, time.perf_counter() - w, time.process_time() - c
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=500)
+    ap.add_argument("--eps", default="0.3,0.1")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--queries", type=int, default=5000)
+    ap.add_argument("--repeats", type=int, default=1, help="timed runs per side (alternating)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--models", default="standard,cnn_pgd3")
+    ap.add_argument("--standard", default=str(ROOT / "results" / "aa_cnn_standard.pt"))
+    ap.add_argument("--no-fab", dest="fab", action="store_false", help="leave FAB-T out of both cascades")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(ROOT / "results" / "compare_autoattack.md"))
+    ap.add_argument("--step-ratio", action="store_true", help="only time one APGD-CE step against one PGD step")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    d = D.load("mnist")
+    x, y = D.to_float(d.x_test[:a.n]), d.y_test[:a.n]
+    if a.step_ratio:
+        model = M.load(ROOT / "docs" / "measured" / "cnn_pgd3.pt").eval()
+        for eps in [float(e) for e in a.eps.split(",")]:
+            r, tp, tq = step_ratio(model, x, y, eps)
+            print(f"cnn_pgd3 eps {eps}: APGD-CE / PGD CPU seconds per sample-gradient = {r:.3f} "
+                  f"({tq * 1e3:.3f} / {tp * 1e3:.3f} ms)")
+        return None
+    zoo = {"standard": lambda: load_standard(a.standard),
+           "cnn_pgd3": lambda: M.load(ROOT / "docs" / "measured" / "cnn_pgd3.pt").eval()}
+    rows, lines = [], []
+    for mname in a.models.split(","):
+        model = zoo[mname]()
+        tg, tf = per_sample_costs(model, x, y)
+        for eps in [float(e) for e in a.eps.split(",")]:
+            fm_runs, ta_runs = [], []
+            for _ in range(a.repeats):
+                fm_runs.append(timed(lambda: fastmask_cascade(model, x, y, eps, a.steps, a.queries, a.seed,
+                                                              a.fab)))
+                ta_runs.append(timed(lambda: torchattacks_cascade(model, x, y, eps, a.steps, a.queries, a.seed,
+                                                                  a.fab)))
+            fm, ta = fm_runs[0][0], ta_runs[0][0]
+            row = {"model": mname, "eps": eps, "n": a.n, "clean": fm["clean"], "stages": []}
+            for (name, r_fm, s_fm, cost), (name2, r_ta, s_ta, _) in zip(fm["stages"], ta["stages"]):
+                assert name == name2
+                lo, hi = stats.wilson(round(r_fm * a.n), a.n)
+                model_s = cost["grads"] * tg + cost["queries"] * tf
+                row["stages"].append({"attack": name, "fastmask": r_fm, "torchattacks": r_ta,
+                                      "wilson95": [lo, hi], "agree": lo <= r_ta <= hi,
+                                      "fastmask_s": s_fm, "torchattacks_s": s_ta,
+                                      "fastmask_model_s": model_s, "fastmask_bookkeeping_s": s_fm - model_s,
+                                      "fastmask_cost": cost})
+            fw = statistics.median(r[1] for r in fm_runs)
+            tw = statistics.median(r[1] for r in ta_runs)
+            fc = statistics.median(r[2] for r in fm_runs)
+            tc = statistics.median(r[2] for r in ta_runs)
+            row.update({"fastmask_wall_s": fw, "torchattacks_wall_s": tw, "fastmask_cpu_s": fc,
+                        "torchattacks_cpu_s": tc, "speedup_wall": tw / fw, "speedup_cpu": tc / fc,
+                        "per_sample_grad_s": tg, "per_sample_forward_s": tf})
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    info = ops.build_info()
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    lines += [f"# AutoAttack cascade: fastmask vs torchattacks components", "",
+              f"CPU {cpu}, ISA {info.get('cpu_isa')}, torch {torch.__version__}, {a.threads} thread(s), "
+              f"first {a.n} MNIST test images, L-inf, steps {a.steps}, queries {a.queries}, seed {a.seed}, "
+              f"{a.repeats} timed run(s) per side.", "",
+              "| model | eps | clean | attack | fastmask robust | torchattacks robust | 95 % Wilson (fastmask) | "
+              "agree | fastmask s (model / rest) | torchattacks s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for s in r["stages"]:
+            lines.append(f"| {r['model']} | {r['eps']} | {r['clean']:.1%} | {s['attack']} | {s['fastmask']:.1%} | "
+                         f"{s['torchattacks']:.1%} | {s['wilson95'][0]:.1%}–{s['wilson95'][1]:.1%} | "
+                         f"{'yes' if s['agree'] else 'NO'} | {s['fastmask_s']:.1f} ({s['fastmask_model_s']:.1f} / "
+                         f"{s['fastmask_bookkeeping_s']:.1f}) | {s['torchattacks_s']:.1f} |")
+    lines += ["", "| model | eps | fastmask wall s | torchattacks wall s | speedup (wall) | fastmask CPU s | "
+              "torchattacks CPU s | speedup (CPU) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['eps']} | {r['fastmask_wall_s']:.1f} | {r['torchattacks_wall_s']:.1f} | "
+                     f"{r['speedup_wall']:.2f}x | {r['fastmask_cpu_s']:.1f} | {r['torchattacks_cpu_s']:.1f} | "
+                     f"{r['speedup_cpu']:.2f}x |")
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    print("\n".join(lines))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""FAB-T, L-inf: the targeted Fast Adaptive Boundary attack (Croce & Hein, ICML 2020), as the
+standard version of AutoAttack runs it (fra31/auto-attack fab_pt.py / fab_base.py: 100
+steps, 9 targets, one run per target without a random start, alpha_max 0.1, eta 1.05,
+beta 0.9).
+
+FAB looks for the smallest perturbation that crosses the decision boundary. At each
+step it linearises f(x) = z_t - z_y (target t, true class y) around the iterate x1,
+projects both x1 and the clean point x0 onto the hyperplane {f = 0} (in L-inf, inside
+the box [lo, hi]: `project_linf`), and moves to the convex combination
+(1 - a) (x1 + eta d1) + a (x0 + eta d2), a = min(|d1| / (|d1| + |d2|), alpha_max),
+which stays close to x0. When the step lands on an adversarial point it keeps it if it
+is the nearest so far and pulls the iterate back towards x0 by beta.
+
+For an evaluation at radius eps a sample is broken once such a point lies within eps;
+it then leaves the run (the original keeps shrinking its perturbation, which changes no
+robust-accuracy figure). Deterministic: there are no random draws.
+"""
+import torch
+
+from . import losses
+from .apgd import check_eps, check_labels, check_output
+from . import _checks as C
+from .attacks import _batched, _loss_value_grad, check_inputs, model_state
+
+__all__ = ["fab_targeted", "project_linf"]
+
+
+def project_linf(t, w, b, lo=0.0, hi=1.0):
+    """The L-inf-smallest d with <w, t + d> = b and lo <= t + d <= hi, per row (t, w: N x D; b: N).
+
+    With c = <w, t> - b >= 0 (else flip w and b), the best move of L-inf size lam is
+    d_i = -sign(w_i) min(lam, room_i), room_i the distance from t_i to the box face that
+    lowers <w, x>; f(lam) = sum |w_i| min(lam, room_i) is piecewise linear and increasing,
+    so lam solves f(lam) = c on the segment found among the sorted rooms. When no lam
+    reaches c inside the box, d goes all the way to that corner (the original's rule).
+    """
+    c = (w * t).sum(1) - b
+    flip = torch.where(c < 0, -1.0, 1.0).to(t.dtype)
+    w, c = w * flip[:, None], c * flip
+    aw = w.abs()
+    room = torch.where(w > 0, t - lo, hi - t).clamp_(min=0)
+    room_s, order = room.sort(dim=1)
+    aw_s = aw.gather(1, order)
+    below = torch.cumsum(aw_s * room_s, 1) - aw_s * room_s   # sum_{j<k} |w_j| room_j
+    above = aw_s.flip(1).cumsum(1).flip(1)                     # sum_{j>=k} |w_j|
+    f_k = below + room_s * above                               # f at the k-th breakpoint
+    k = torch.searchsorted(f_k, c[:, None].contiguous()).squeeze(1)   # first breakpoint with f >= c
+    feasible = k < t.shape[1]
+    kk = k.clamp(max=t.shape[1] - 1)[:, None]
+    lam = (c - below.gather(1, kk)[:, 0]) / above.gather(1, kk)[:, 0].clamp_min(1e-30)
+    lam = torch.where(feasible, lam, torch.full_like(lam, float("inf")))
+    d = -torch.sign(w) * torch.minimum(lam[:, None], room)
+    return d * (w != 0)
+
+
+def _run(model, x0, y, tgt, eps, steps, alpha_max, eta, beta, lo, hi, stats):
+    """FAB-T on (x0, y) towards targets tgt; returns (x_out, broken) with x_out within eps where broken."""
+    n = x0.shape[0]
+    out = x0.clone()
+    broken = torch.zeros(n, dtype=torch.bool, device=x0.device)
+    best = torch.full((n,), float("inf"), dtype=x0.dtype, device=x0.device)
+    idx = torch.arange(n, device=x0.device)
+    x1 = x0.clone()
+    for _ in range(steps):
+        g, df, _ = _loss_value_grad(model, x1, y, "logit-diff", tgt)   # df = z_t - z_y, g its gradient
+        stats["grads"] += idx.numel()
+        w = g.flatten(1)
+        b = -df + (w * x1.flatten(1)).sum(1)
+        d = project_linf(torch.cat((x1.flatten(1), x0.flatten(1))), torch.cat((w, w)), torch.cat((b, b)), lo, hi)
+        a0 = d.abs().amax(1).clamp_min(1e-8)
+        m = idx.numel()
+        d1, d2 = d[:m].view_as(x1), d[m:].view_as(x1)
+        alpha = (a0[:m] / (a0[:m] + a0[m:])).clamp(0.0, alpha_max).view(-1, *[1] * (x1.dim() - 1))
+        x1 = ((x1 + eta * d1) * (1 - alpha) + (x0 + eta * d2) * alpha).clamp(lo, hi)
+        with torch.no_grad():
+            adv = model(x1).argmax(1) != y
+        stats["queries"] += m
+        if adv.any():
+            dist = (x1 - x0).flatten(1).abs().amax(1)
+            nearer = adv & (dist < best)
+            best = torch.where(nearer, dist, best)
+            out[idx[nearer]] = x1[nearer]
+            x1 = torch.where(adv.view(-1, *[1] * (x1.dim() - 1)), x0 + (x1 - x0) * beta, x1)
+            done = best <= eps
+            if done.any():  # within eps: broken at this radius, no need to shrink further
+                broken[idx[done]] = True
+                keep = ~done
+                idx, x0, x1, y, tgt, best = (v[keep] for v in (idx, x0, x1, y, tgt, best))
+                if idx.numel() == 0:
+                    break
+    return out, broken
+
+
+def fab_targeted(model, x, y, eps, *, norm="inf", steps=100, targets=9, alpha_max=0.1, eta=1.05, beta=0.9,
+                 masks="model", batch_size=None, lo=0.0, hi=1.0, _stats=None):
+    """FAB-T, L-inf (Croce & Hein 2020, the standard AutoAttack version): a minimum-norm attack
+    towards each of the `targets` highest-scoring other classes in turn, evaluated at radius eps.
+
+    Args:
+        model: maps x (Tensor[N, ...]) to logits (N x classes); left as it was.
+        x: Tensor[N, ...] in [lo, hi]; y: Tensor[N] int64 true labels. eps: L-inf radius, >= 0.
+        norm: "inf" (the only one here). steps: iterations per target (100).
+        targets: target classes in [1, classes - 1] (9). alpha_max (0.1), eta (1.05), beta (0.9):
+            the original's bias towards x, overshoot and backward step.
+        masks, batch_size, lo, hi: as in fastmask.attacks.
+
+    Returns:
+        Tensor like x: a misclassified point within eps of x where one was found, else x.
+    """
+    check_inputs(x, y, batch_size)
+    if C.norm("norm", norm) != "inf":
+        raise ValueError(f"norm must be 'inf' (FAB-T's L2 / L1 versions are not implemented), got {norm!r}")
+    eps = check_eps(eps)
+    C.positive_int("steps", steps)
+    C.positive_int("targets", targets)
+    for name, v, ok in (("alpha_max", alpha_max, 0 <= alpha_max <= 1), ("eta", eta, eta >= 1),
+                        ("beta", beta, 0 <= beta <= 1)):
+        if not ok:
+            raise ValueError(f"{name} out of range, got {v!r}")
+    stats = {"grads": 0, "queries": 0} if _stats is None else _stats
+
+    def one(xb, yb, k):
+        with torch.no_grad():
+            z = model(xb)
+        classes = check_output(z, xb.shape[0])
+        check_labels(yb, classes)
+        losses.check("logit-diff", classes)
+        if targets >= classes:
+            raise ValueError(f"targets must be an integer in [1, classes - 1 = {classes - 1}], got {targets}")
+        robust = z.argmax(1) == yb
+        order = z.argsort(dim=1, descending=True)
+        adv = xb.clone()
+        for t in range(targets):
+            todo = robust.nonzero().squeeze(1)
+            if todo.numel() == 0:
+                break
+            out, broken = _run(model, xb[todo], yb[todo], order[todo, t + 1], eps, steps, alpha_max, eta, beta,
+                               lo, hi, stats)
+            adv[todo[broken]] = out[broken]
+            robust[todo[broken]] = False
+        return adv
+    with model_state(model, masks):
+        return _batched(model, x, y, batch_size, one)

@@ -1,0 +1,152 @@
+"""Square Attack, L-inf (Andriushchenko et al., ECCV 2020), as autoattack/square.py of fra31/auto-attack.
+
+A score-based attack: no gradients, only forwards. It starts from vertical stripes
+(x + eps * a random sign per sample, channel and column), then at every iteration
+proposes, for each sample still classified correctly, one square window of side
+s (from the p schedule) set to x_best + 2 eps * (a random sign per channel),
+projected back onto the ball and [lo, hi], and keeps it where the margin loss
+z_y - max_{i != y} z_i decreases (or the point becomes misclassified). One query
+per iteration per still-robust sample, all of them in one forward; a sample
+stops costing queries the moment it is misclassified.
+
+Random draws: fastmask's Philox (ops.philox), so a run is bit-reproducible and the
+same on CPU and CUDA. With j = the sample's row in x (its row in the whole input,
+batches included) and TAG = 0x5351 << 48:
+  stripes:      philox(seed, TAG, N*C*W), word j*C*W + c*W + w, bit 0: sign of
+                (sample j, channel c, column w) (1: +, 0: -);
+  iteration t:  philox(seed, TAG | (t + 1), 4*N), block j = words 4j..4j+3:
+                w0 -> row vh = (w0 * (H - s)) >> 32, w1 -> column vw = (w1 * (W - s)) >> 32
+                (in [0, H - s), as the original's random_int), bit c of w2 -> sign of channel c.
+Unlike the original, which draws one window and one sign vector for the whole
+batch per iteration, every sample draws its own: a sample's proposals do not depend
+on the others in its batch (its losses may, by float rounding in the model's GEMMs).
+"""
+import math
+
+import torch
+
+from . import losses, ops
+from .apgd import check_eps, check_labels, check_output
+from . import _checks as C
+from .attacks import _batched, check_inputs, model_state
+
+__all__ = ["square", "p_selection", "stripes", "TAG"]
+
+TAG = 0x5351 << 48
+
+
+def p_selection(it, p_init=0.8, queries=None):
+    """The fraction p of pixels a square covers at iteration `it` (0-based), the original's schedule.
+    queries: rescale the schedule to this budget (the original's resc_schedule; AutoAttack: None)."""
+    if queries is not None:
+        it = int(it / queries * 10000)
+    for bound, div in ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64),
+                       (6000, 128), (8000, 256)):
+        if it <= bound:
+            return p_init / div
+    return p_init / 512
+
+
+def side(p, h, w, c):
+    """The square's side for fraction p of an h x w x c input (at least 1, at most min(h, w))."""
+    return min(max(int(round(math.sqrt(p * h * w))), 1), h, w)
+
+
+def stripes(shape, rows, seed):
+    """The initial signs (+1 / -1) as a tensor rows.numel() x C x 1 x W for samples `rows` of x."""
+    _, c, _, w = shape
+    n = int(rows.max()) + 1 if rows.numel() else 0
+    words = ops.philox(seed, TAG, n * c * w, device=rows.device).view(n, c, 1, w)[rows]
+    return (words & 1).to(torch.float32) * 2 - 1
+
+
+def _margin(model, x, y):
+    return -losses.value("cw", model(x), y)  # z_y - max_{i != y} z_i
+
+
+def _run(model, x, y, rows, eps, queries, p_init, seed, lo, hi, stats):
+    """Square on points (x, y) at rows `rows` of the input. Returns (x_best, broken)."""
+    n, c, h, w = x.shape
+    x_best = (x + eps * stripes(x.shape, rows, seed).to(x.dtype)).clamp_(lo, hi)
+    margin = _margin(model, x_best, y)
+    stats["queries"] += n
+    broken = torch.zeros(n, dtype=torch.bool, device=x.device)
+    out = x_best.clone()
+    idx = torch.arange(n, device=x.device)
+    ar_h = torch.arange(h, device=x.device).view(1, 1, h, 1)
+    ar_w = torch.arange(w, device=x.device).view(1, 1, 1, w)
+    bits = (1 << torch.arange(c, device=x.device)).view(1, c, 1, 1)
+    hi_row = int(rows.max()) + 1 if n else 0
+    for t in range(queries):
+        done = margin <= 0
+        if done.any():
+            out[idx[done]] = x_best[done]
+            broken[idx[done]] = True
+            keep = ~done
+            idx, x, y, rows, x_best, margin = (v[keep] for v in (idx, x, y, rows, x_best, margin))
+        if idx.numel() == 0:
+            break
+        s = side(p_selection(t, p_init), h, w, c)
+        blk = ops.philox(seed, TAG | (t + 1), 4 * hi_row, device=x.device).view(hi_row, 4)[rows]
+        vh = ((blk[:, 0] * (h - s)) >> 32).view(-1, 1, 1, 1)
+        vw = ((blk[:, 1] * (w - s)) >> 32).view(-1, 1, 1, 1)
+        sign = ((blk[:, 2].view(-1, 1, 1, 1) & bits) != 0).to(x.dtype) * 2 - 1
+        win = (ar_h >= vh) & (ar_h < vh + s) & (ar_w >= vw) & (ar_w < vw + s)  # (n, 1, h, w)
+        x_new = x_best + win.to(x.dtype) * (2 * eps * sign)
+        x_new = torch.minimum(torch.maximum(x_new, x - eps), x + eps).clamp_(lo, hi)
+        m_new = _margin(model, x_new, y)
+        stats["queries"] += idx.numel()
+        better = (m_new < margin) | (m_new <= 0)  # margin loss: the loss is the margin
+        margin = torch.where(better, m_new, margin)
+        x_best = torch.where(better.view(-1, 1, 1, 1), x_new, x_best)
+    if idx.numel():
+        done = margin <= 0
+        broken[idx[done]] = True
+        out[idx] = x_best
+    return out, broken
+
+
+def square(model, x, y, eps, *, norm="inf", queries=5000, p_init=0.8, seed=0, masks="model",
+           batch_size=None, lo=0.0, hi=1.0, _stats=None):
+    """Square Attack, L-inf (Andriushchenko et al. 2020): score-based, forwards only.
+
+    Args:
+        model: maps x (Tensor[N, C, H, W]) to logits (N x classes); left as it was.
+        x: Tensor[N, C, H, W] in [lo, hi] (C <= 32); y: Tensor[N] int64 true labels.
+        eps: L-inf radius, >= 0. norm: "inf" (the L2 version is not implemented).
+        queries: iterations, i.e. queries per sample at most besides the first (5000).
+        p_init: the fraction of pixels of the first squares (0.8); the schedule is
+            p_selection's without rescaling (as in AutoAttack).
+        seed: Philox seed (the layout is in the module docstring). masks: as in fastmask.attacks.
+        batch_size: samples per batch on the model's device (None: all). lo, hi: valid range.
+
+    Returns:
+        Tensor like x: the first misclassified point found, or for samples still robust
+        the point of lowest margin; x itself where the clean point is misclassified.
+    """
+    check_inputs(x, y, batch_size)
+    if C.norm("norm", norm) != "inf":
+        raise ValueError(f"norm must be 'inf' (Square's L2 version is not implemented), got {norm!r}")
+    eps = check_eps(eps)
+    C.positive_int("queries", queries)
+    if isinstance(p_init, bool) or not isinstance(p_init, (int, float)) or not 0 < p_init <= 1:
+        raise ValueError(f"p_init must be in (0, 1], got {p_init!r}")
+    if x.dim() != 4 or x.shape[1] > 32:
+        raise ValueError(f"x must be N x C x H x W with C <= 32, got shape {tuple(x.shape)}")
+    stats = {"queries": 0} if _stats is None else _stats
+    bs = x.shape[0] if batch_size is None else batch_size
+
+    def one(xb, yb, k):
+        with torch.no_grad():
+            z = model(xb)
+            classes = check_output(z, xb.shape[0])
+            check_labels(yb, classes)
+            losses.check("cw", classes)
+            todo = (z.argmax(1) == yb).nonzero().squeeze(1)
+            adv = xb.clone()
+            if todo.numel():
+                adv[todo] = _run(model, xb[todo], yb[todo], todo + k * bs, eps, queries, p_init, seed,
+                                 lo, hi, stats)[0]
+        return adv
+    with model_state(model, masks):
+        return _batched(model, x, y, batch_size, one)
