@@ -127,7 +127,7 @@ def step_ratio(model, x, y, eps, steps=10, reps=3):
     tp, ta_ = [], []
     for _ in range(reps):
         t0 = time.process_time()
-        attacks.pgd(model, x, y, eps, 2.5 * eps / steps, steps)
+        attacks.pgd(model, x, y, eps, alpha=2.5 * eps / steps, steps=steps)
         tp.append((time.process_time() - t0) / (len(x) * steps))
         st = {"grads": 0}
         t0 = time.process_time()

@@ -175,10 +175,10 @@ class _Bad(torch.nn.Module):
 
 @pytest.mark.parametrize("kw, match", [
     (dict(eps=-0.1), "eps must be a finite number >= 0, got -0.1"),
-    (dict(steps=0), "steps must be an integer >= 1, got 0"),
+    (dict(steps=0), "steps must be >= 1, got 0"),
     (dict(loss="cw"), r"loss must be one of \('ce', 'dlr'\), got 'cw'"),
-    (dict(norm="1"), "norm must be 'inf' or '2', got '1'"),
-    (dict(restarts=0), "restarts must be an integer >= 1, got 0"),
+    (dict(norm="1"), "norm must be one of 'inf', '2', got '1'"),
+    (dict(restarts=0), "restarts must be >= 1, got 0"),
     (dict(y=torch.full((4,), 10)), r"y must hold labels in \[0, 10\) \(the model's classes\), got 10"),
     (dict(y=torch.full((4,), -1)), r"y must hold labels in \[0, 10\) \(the model's classes\), got -1"),
     (dict(model=_Bad()), r"model output must be N x classes \(N = 4\), got shape \(4, 1, 10\)"),
@@ -194,7 +194,7 @@ def test_bad_input(kw, match):
 
 @pytest.mark.parametrize("targets, match", [
     (10, r"targets must be an integer in \[1, classes - 1 = 9\], got 10"),
-    (0, "targets must be an integer >= 1, got 0"),
+    (0, "targets must be >= 1, got 0"),
 ])
 def test_bad_targets(targets, match):
     with pytest.raises(ValueError, match=match):

@@ -114,7 +114,7 @@ def test_logs_one_line_per_attack():
     (dict(version="custom"), "version='custom' needs attacks="),
     (dict(attacks=["apgd-ce"]), "attacks= is for version='custom'"),
     (dict(version="rand", draws=2), "draws must be >= 5 for version='rand', got 2"),
-    (dict(steps=0), "steps must be an integer >= 1, got 0"),
+    (dict(steps=0), "steps must be >= 1, got 0"),
     (dict(targets=10), r"targets must be an integer in \[1, classes - 1 = 9\], got 10"),
     (dict(eps=-1.0), "eps must be a finite number >= 0, got -1.0"),
 ])

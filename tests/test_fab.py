@@ -78,7 +78,7 @@ def test_fab_targeted_contracts():
 
 @pytest.mark.parametrize("kw, match", [
     (dict(targets=10), r"targets must be an integer in \[1, classes - 1 = 9\], got 10"),
-    (dict(steps=0), "steps must be an integer >= 1, got 0"),
+    (dict(steps=0), "steps must be >= 1, got 0"),
     (dict(norm="2"), "norm must be 'inf'"),
     (dict(eta=0.5), "eta out of range, got 0.5"),
 ])

@@ -100,9 +100,9 @@ def test_pgd_with_another_loss_breaks_a_standard_model(loss):
     x = torch.rand(32, 1, 28, 28)
     with torch.no_grad():
         y = model(x).argmax(1)
-    xa = attacks.pgd(model, x, y, 0.3, 0.05, 10, loss=loss)
+    xa = attacks.pgd(model, x, y, 0.3, alpha=0.05, steps=10, loss=loss)
     assert (xa - x).abs().max() <= 0.3 + 1e-6
     with torch.no_grad():
         assert (model(xa).argmax(1) == y).float().mean() < 0.2
     with pytest.raises(ValueError, match="loss must be one of .* got 'dlr-targeted'"):
-        attacks.pgd(model, x, y, 0.3, 0.05, 10, loss="dlr-targeted")
+        attacks.pgd(model, x, y, 0.3, alpha=0.05, steps=10, loss="dlr-targeted")

@@ -134,3 +134,23 @@ def test_an_entry_may_name_its_function_lazily():
         assert torch.equal(attacks.make_attack("fgsm_lazy", 0.1)(model, x, y), attacks.fgsm(model, x, y, 0.1))
     finally:
         del attacks.REGISTRY["fgsm_lazy"]
+
+
+def test_autoattack_components_are_entries():
+    """Each AutoAttack component is one registry entry: make_attack(name, eps, **settings) is the
+    function called with those settings, and its settings are checked by name."""
+    from fastmask import models
+    model = models.build("mlp", seed=0).eval()
+    x = torch.rand(12, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    cases = [("apgd", dict(steps=3, loss="dlr"), lambda: attacks.apgd(model, x, y, 0.05, steps=3, loss="dlr")),
+             ("apgd_t", dict(steps=3, targets=2), lambda: attacks.apgd_targeted(model, x, y, 0.05, steps=3, targets=2)),
+             ("fab_t", dict(steps=3, targets=2), lambda: attacks.fab_targeted(model, x, y, 0.05, steps=3, targets=2)),
+             ("square", dict(queries=15), lambda: attacks.square(model, x, y, 0.05, queries=15))]
+    for name, settings, direct in cases:
+        assert torch.equal(attacks.make_attack(name, 0.05, **settings)(model, x, y), direct()), name
+    with pytest.raises(ValueError, match="loss must be one of"):
+        attacks.make_attack("apgd", 0.05, loss="cw")
+    with pytest.raises(ValueError, match="queries must be >= 1, got 0"):
+        attacks.make_attack("square", 0.05, queries=0)

@@ -90,7 +90,7 @@ def test_only_still_robust_samples_are_queried():
 
 def test_bad_input():
     model, x, y = _setup(n=4)
-    with pytest.raises(ValueError, match="queries must be an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match="queries must be >= 1, got 0"):
         S.square(model, x, y, 0.1, queries=0)
     with pytest.raises(ValueError, match="eps must be a finite number >= 0, got -1"):
         S.square(model, x, y, -1)
