@@ -100,6 +100,46 @@ void mask_generate_fill(const at::Tensor& out, const MaskParams& p) {
   });
 }
 
+// Blur forward, one whole (n, c) plane per step: its keep words, a copy of the plane in
+// opmath with a zero row above and below (so the only checks left are the column flags,
+// the same for every plane and made once), then one flat loop over the plane computes
+// every pixel's mean (blur_sum_rows: blur_at's bits) and selects. Reading the copy, y may
+// be x.
+template <typename scalar_t>
+static void blur_forward_kernel(const scalar_t* x, scalar_t* y, const MaskParams& p) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t H = p.H, W = p.W, HW = H * W;
+  const std::vector<uint32_t> fixed = fixed_words(p);
+  std::vector<int32_t> left(HW), right(HW);
+  std::vector<T> cnt(HW);
+  for (int64_t k = 0; k < HW; ++k) {
+    left[k] = k % W > 0;
+    right[k] = k % W + 1 < W;
+    cnt[k] = (T)blur_count(H, W, k / W, k % W);
+  }
+  at::parallel_for(0, p.N * p.C, std::max<int64_t>(1, kGrain / HW), [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> buf(fixed.empty() ? HW : 0);
+    std::vector<T> padded(HW + 2 * (W + 1), (T)0);  // the zero rows stay +0
+    T* pl = padded.data() + W + 1;
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t unit = mask_unit(plane / p.C, plane % p.C, p.C, p.spec.per_sample, p.spec.separate);
+      const uint32_t* words = mask_words(p, fixed, unit * HW, HW, buf.data());
+      const scalar_t* xp = x + plane * HW;
+      scalar_t* yp = y + plane * HW;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        std::copy(xp, xp + HW, pl);
+        mask_blur_plane_f32(pl, left.data(), right.data(), cnt.data(), words, yp, HW, W, p.threshold);
+      } else {
+        for (int64_t k = 0; k < HW; ++k) pl[k] = (T)xp[k];
+        for (int64_t k = 0; k < HW; ++k)
+          yp[k] = philox_keep(words[k], p.threshold)
+                      ? xp[k]
+                      : (scalar_t)(blur_sum_rows<T>(pl + k, W, left[k] != 0, right[k] != 0) / cnt[k]);
+      }
+    }
+  });
+}
+
 // y = x where kept; fill (pixel, block) or the 3x3 mean of x (blur) where masked.
 template <typename scalar_t>
 static void mask_apply_kernel(const scalar_t* x, scalar_t* y, const MaskParams& p,
@@ -219,7 +259,10 @@ static MaskParams mask_params_for(const at::Tensor& x, const char* name, double 
 static void mask_apply_into(const at::Tensor& x, const at::Tensor& y, const MaskParams& p,
                             double fill) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mask_apply", [&] {
-    mask_apply_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), p, fill);
+    if (p.spec.mode == MaskMode::Blur)
+      blur_forward_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), p);
+    else
+      mask_apply_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), p, fill);
   });
 }
 

@@ -109,4 +109,19 @@ FASTMASK_HD T box_sum3x3(const T* c, int64_t ld) {
   return s;
 }
 
+// blur_at's sum for the element at c of a plane stored row after row (row stride ld) with
+// a zero row above and below it: the left column's terms are +0 where `left` is false (w
+// == 0), the right column's where `right` is false (w == W - 1). The same additions in
+// the same order as blur_at (the skipped terms become +0 and adding +0 changes nothing, as
+// in box_sum3x3), so the same bits; the selects keep a NaN of the neighbouring row out.
+template <typename T>
+FASTMASK_HD T blur_sum_rows(const T* c, int64_t ld, bool left, bool right) {
+  const T z = (T)0;
+  T s = z;
+  s = s + (left ? c[-ld - 1] : z); s = s + c[-ld]; s = s + (right ? c[-ld + 1] : z);
+  s = s + (left ? c[-1] : z);      s = s + c[0];   s = s + (right ? c[1] : z);
+  s = s + (left ? c[ld - 1] : z);  s = s + c[ld];  s = s + (right ? c[ld + 1] : z);
+  return s;
+}
+
 }  // namespace fastmask
