@@ -110,11 +110,11 @@ static void blur_forward_kernel(const scalar_t* x, scalar_t* y, const MaskParams
   using T = at::opmath_type<scalar_t>;
   const int64_t H = p.H, W = p.W, HW = H * W;
   const std::vector<uint32_t> fixed = fixed_words(p);
-  std::vector<int32_t> left(HW), right(HW);
+  std::vector<uint32_t> left(HW), right(HW);  // all ones where the neighbour exists
   std::vector<T> cnt(HW);
   for (int64_t k = 0; k < HW; ++k) {
-    left[k] = k % W > 0;
-    right[k] = k % W + 1 < W;
+    left[k] = k % W > 0 ? ~0u : 0u;
+    right[k] = k % W + 1 < W ? ~0u : 0u;
     cnt[k] = (T)blur_count(H, W, k / W, k % W);
   }
   at::parallel_for(0, p.N * p.C, std::max<int64_t>(1, kGrain / HW), [&](int64_t begin, int64_t end) {
@@ -131,10 +131,14 @@ static void blur_forward_kernel(const scalar_t* x, scalar_t* y, const MaskParams
         mask_blur_plane_f32(pl, left.data(), right.data(), cnt.data(), words, yp, HW, W, p.threshold);
       } else {
         for (int64_t k = 0; k < HW; ++k) pl[k] = (T)xp[k];
-        for (int64_t k = 0; k < HW; ++k)
+        for (int64_t k = 0; k < HW; ++k) {
+          const bool l = left[k] != 0, r = right[k] != 0;
+          const auto L = [l](T v) { return l ? v : (T)0; };
+          const auto R = [r](T v) { return r ? v : (T)0; };
           yp[k] = philox_keep(words[k], p.threshold)
                       ? xp[k]
-                      : (scalar_t)(blur_sum_rows<T>(pl + k, W, left[k] != 0, right[k] != 0) / cnt[k]);
+                      : (scalar_t)(blur_sum_rows<T>(pl + k, W, L, R) / cnt[k]);
+        }
       }
     }
   });

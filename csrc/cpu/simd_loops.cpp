@@ -87,7 +87,7 @@ void mask_pixel_f32(const float* x, const uint32_t* w, float* y, int64_t n, uint
   FASTMASK_PICK(mask_pixel_f32, x, w, y, n, threshold, fill)
 }
 
-void mask_blur_plane_f32(const float* p, const int32_t* left, const int32_t* right, const float* cnt,
+void mask_blur_plane_f32(const float* p, const uint32_t* left, const uint32_t* right, const float* cnt,
                          const uint32_t* w, float* y, int64_t n, int64_t W, uint32_t threshold) {
   FASTMASK_PICK(mask_blur_plane_f32, p, left, right, cnt, w, y, n, W, threshold)
 }

@@ -110,17 +110,17 @@ FASTMASK_HD T box_sum3x3(const T* c, int64_t ld) {
 }
 
 // blur_at's sum for the element at c of a plane stored row after row (row stride ld) with
-// a zero row above and below it: the left column's terms are +0 where `left` is false (w
-// == 0), the right column's where `right` is false (w == W - 1). The same additions in
-// the same order as blur_at (the skipped terms become +0 and adding +0 changes nothing, as
-// in box_sum3x3), so the same bits; the selects keep a NaN of the neighbouring row out.
-template <typename T>
-FASTMASK_HD T blur_sum_rows(const T* c, int64_t ld, bool left, bool right) {
-  const T z = (T)0;
-  T s = z;
-  s = s + (left ? c[-ld - 1] : z); s = s + c[-ld]; s = s + (right ? c[-ld + 1] : z);
-  s = s + (left ? c[-1] : z);      s = s + c[0];   s = s + (right ? c[1] : z);
-  s = s + (left ? c[ld - 1] : z);  s = s + c[ld];  s = s + (right ? c[ld + 1] : z);
+// a zero row above and below it: left(v) / right(v) return the left / right column's term
+// v, or +0 where that column is outside the plane (w == 0 / w == W - 1). The same
+// additions in the same order as blur_at (the skipped terms become +0 and adding +0
+// changes nothing, as in box_sum3x3), so the same bits; a NaN of the neighbouring row
+// stays out. The kernels choose how to zero (a select, or a bit mask that vectorizes).
+template <typename T, typename Left, typename Right>
+FASTMASK_HD T blur_sum_rows(const T* c, int64_t ld, const Left& left, const Right& right) {
+  T s = (T)0;
+  s = s + left(c[-ld - 1]); s = s + c[-ld]; s = s + right(c[-ld + 1]);
+  s = s + left(c[-1]);      s = s + c[0];   s = s + right(c[1]);
+  s = s + left(c[ld - 1]);  s = s + c[ld];  s = s + right(c[ld + 1]);
   return s;
 }
 
