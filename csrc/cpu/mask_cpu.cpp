@@ -144,7 +144,7 @@ static void blur_forward_kernel(const scalar_t* x, scalar_t* y, const MaskParams
   });
 }
 
-// y = x where kept; fill (pixel, block) or the 3x3 mean of x (blur) where masked.
+// Pixel and block modes: y = x where kept, fill where masked (blur: blur_forward_kernel).
 template <typename scalar_t>
 static void mask_apply_kernel(const scalar_t* x, scalar_t* y, const MaskParams& p,
                               double fill) {
@@ -184,25 +184,16 @@ static void mask_apply_kernel(const scalar_t* x, scalar_t* y, const MaskParams& 
         return;
       }
       const uint32_t* words = mask_words(p, fixed, unit * HW + j, len, buf);
-      if (p.spec.mode == MaskMode::Pixel) {
-        const scalar_t* xj = xp + j;
-        scalar_t* yj = yp + j;
-        const scalar_t f = fill_s;
-        const uint32_t thr = p.threshold;
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          mask_pixel_f32(f32(xj), words, f32(yj), len, thr, (float)f);
-        } else {
-          for (int64_t t = 0; t < len; ++t) {
-            const scalar_t xv = xj[t];  // unconditional load: the select vectorizes
-            yj[t] = philox_keep(words[t], thr) ? xv : f;
-          }
-        }
+      const scalar_t* xj = xp + j;
+      scalar_t* yj = yp + j;
+      const scalar_t f = fill_s;
+      const uint32_t thr = p.threshold;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        mask_pixel_f32(f32(xj), words, f32(yj), len, thr, (float)f);
       } else {
         for (int64_t t = 0; t < len; ++t) {
-          int64_t k = j + t;
-          yp[k] = philox_keep(words[t], p.threshold)
-                      ? xp[k]
-                      : (scalar_t)blur_at<opmath_t>(xp, p.H, p.W, k / p.W, k % p.W);
+          const scalar_t xv = xj[t];  // unconditional load: the select vectorizes
+          yj[t] = philox_keep(words[t], thr) ? xv : f;
         }
       }
     });
