@@ -100,7 +100,51 @@ void mask_generate_fill(const at::Tensor& out, const MaskParams& p) {
   });
 }
 
-// y = x where kept; fill (pixel, block) or the 3x3 mean of x (blur) where masked.
+// Blur forward, one whole (n, c) plane per step: its keep words, a copy of the plane in
+// opmath with a zero row above and below (so the only checks left are the column flags,
+// the same for every plane and made once), then one flat loop over the plane computes
+// every pixel's mean (blur_sum_rows: blur_at's bits) and selects. Reading the copy, y may
+// be x.
+template <typename scalar_t>
+static void blur_forward_kernel(const scalar_t* x, scalar_t* y, const MaskParams& p) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t H = p.H, W = p.W, HW = H * W;
+  const std::vector<uint32_t> fixed = fixed_words(p);
+  std::vector<uint32_t> left(HW), right(HW);  // all ones where the neighbour exists
+  std::vector<T> cnt(HW);
+  for (int64_t k = 0; k < HW; ++k) {
+    left[k] = k % W > 0 ? ~0u : 0u;
+    right[k] = k % W + 1 < W ? ~0u : 0u;
+    cnt[k] = (T)blur_count(H, W, k / W, k % W);
+  }
+  at::parallel_for(0, p.N * p.C, std::max<int64_t>(1, kGrain / HW), [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> buf(fixed.empty() ? HW : 0);
+    std::vector<T> padded(HW + 2 * (W + 1), (T)0);  // the zero rows stay +0
+    T* pl = padded.data() + W + 1;
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t unit = mask_unit(plane / p.C, plane % p.C, p.C, p.spec.per_sample, p.spec.separate);
+      const uint32_t* words = mask_words(p, fixed, unit * HW, HW, buf.data());
+      const scalar_t* xp = x + plane * HW;
+      scalar_t* yp = y + plane * HW;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        std::copy(xp, xp + HW, pl);
+        mask_blur_plane_f32(pl, left.data(), right.data(), cnt.data(), words, yp, HW, W, p.threshold);
+      } else {
+        for (int64_t k = 0; k < HW; ++k) pl[k] = (T)xp[k];
+        for (int64_t k = 0; k < HW; ++k) {
+          const bool l = left[k] != 0, r = right[k] != 0;
+          const auto L = [l](T v) { return l ? v : (T)0; };
+          const auto R = [r](T v) { return r ? v : (T)0; };
+          yp[k] = philox_keep(words[k], p.threshold)
+                      ? xp[k]
+                      : (scalar_t)(blur_sum_rows<T>(pl + k, W, L, R) / cnt[k]);
+        }
+      }
+    }
+  });
+}
+
+// Pixel and block modes: y = x where kept, fill where masked (blur: blur_forward_kernel).
 template <typename scalar_t>
 static void mask_apply_kernel(const scalar_t* x, scalar_t* y, const MaskParams& p,
                               double fill) {
@@ -140,25 +184,16 @@ static void mask_apply_kernel(const scalar_t* x, scalar_t* y, const MaskParams& 
         return;
       }
       const uint32_t* words = mask_words(p, fixed, unit * HW + j, len, buf);
-      if (p.spec.mode == MaskMode::Pixel) {
-        const scalar_t* xj = xp + j;
-        scalar_t* yj = yp + j;
-        const scalar_t f = fill_s;
-        const uint32_t thr = p.threshold;
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          mask_pixel_f32(f32(xj), words, f32(yj), len, thr, (float)f);
-        } else {
-          for (int64_t t = 0; t < len; ++t) {
-            const scalar_t xv = xj[t];  // unconditional load: the select vectorizes
-            yj[t] = philox_keep(words[t], thr) ? xv : f;
-          }
-        }
+      const scalar_t* xj = xp + j;
+      scalar_t* yj = yp + j;
+      const scalar_t f = fill_s;
+      const uint32_t thr = p.threshold;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        mask_pixel_f32(f32(xj), words, f32(yj), len, thr, (float)f);
       } else {
         for (int64_t t = 0; t < len; ++t) {
-          int64_t k = j + t;
-          yp[k] = philox_keep(words[t], p.threshold)
-                      ? xp[k]
-                      : (scalar_t)blur_at<opmath_t>(xp, p.H, p.W, k / p.W, k % p.W);
+          const scalar_t xv = xj[t];  // unconditional load: the select vectorizes
+          yj[t] = philox_keep(words[t], thr) ? xv : f;
         }
       }
     });
@@ -219,7 +254,10 @@ static MaskParams mask_params_for(const at::Tensor& x, const char* name, double 
 static void mask_apply_into(const at::Tensor& x, const at::Tensor& y, const MaskParams& p,
                             double fill) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mask_apply", [&] {
-    mask_apply_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), p, fill);
+    if (p.spec.mode == MaskMode::Blur)
+      blur_forward_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), p);
+    else
+      mask_apply_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), p, fill);
   });
 }
 

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "fastmask/elementwise.h"
+#include "fastmask/mask.h"
 #include "fastmask/philox.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -84,6 +85,11 @@ void random_start_inf_f32(const float* x, const uint32_t* w, float* y, int64_t n
 void mask_pixel_f32(const float* x, const uint32_t* w, float* y, int64_t n, uint32_t threshold,
                     float fill) {
   FASTMASK_PICK(mask_pixel_f32, x, w, y, n, threshold, fill)
+}
+
+void mask_blur_plane_f32(const float* p, const uint32_t* left, const uint32_t* right, const float* cnt,
+                         const uint32_t* w, float* y, int64_t n, int64_t W, uint32_t threshold) {
+  FASTMASK_PICK(mask_blur_plane_f32, p, left, right, cnt, w, y, n, W, threshold)
 }
 
 void box_muller_words_f32(const uint32_t* words, int64_t n, float* out) {

@@ -28,6 +28,11 @@ void random_start_inf_f32(const float* x, const uint32_t* w, float* y, int64_t n
                           float lo, float hi);
 void mask_pixel_f32(const float* x, const uint32_t* w, float* y, int64_t n, uint32_t threshold,
                     float fill);
+// Blur masking of one plane of n = H * W pixels (row length W): p[k] is pixel k, with
+// zeros at p[-W - 1 .. -1] and p[n .. n + W]; left[k] / right[k] all ones where pixel k
+// has a left / right neighbour, else 0; cnt[k] = blur_count of pixel k. y must not overlap p.
+void mask_blur_plane_f32(const float* p, const uint32_t* left, const uint32_t* right, const float* cnt,
+                         const uint32_t* w, float* y, int64_t n, int64_t W, uint32_t threshold);
 // out[j] = box_muller_f32(words[2j], words[2j + 1]), 0 <= j < n.
 void box_muller_words_f32(const uint32_t* words, int64_t n, float* out);
 

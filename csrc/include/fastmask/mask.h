@@ -109,4 +109,19 @@ FASTMASK_HD T box_sum3x3(const T* c, int64_t ld) {
   return s;
 }
 
+// blur_at's sum for the element at c of a plane stored row after row (row stride ld) with
+// a zero row above and below it: left(v) / right(v) return the left / right column's term
+// v, or +0 where that column is outside the plane (w == 0 / w == W - 1). The same
+// additions in the same order as blur_at (the skipped terms become +0 and adding +0
+// changes nothing, as in box_sum3x3), so the same bits; a NaN of the neighbouring row
+// stays out. The kernels choose how to zero (a select, or a bit mask that vectorizes).
+template <typename T, typename Left, typename Right>
+FASTMASK_HD T blur_sum_rows(const T* c, int64_t ld, const Left& left, const Right& right) {
+  T s = (T)0;
+  s = s + left(c[-ld - 1]); s = s + c[-ld]; s = s + right(c[-ld + 1]);
+  s = s + left(c[-1]);      s = s + c[0];   s = s + right(c[1]);
+  s = s + left(c[ld - 1]);  s = s + c[ld];  s = s + right(c[ld + 1]);
+  return s;
+}
+
 }  // namespace fastmask
