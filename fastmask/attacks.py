@@ -440,7 +440,6 @@ register(Attack("pgd_l2", pgd, PGD_SETTINGS, fixed={"norm": "2"}, norm="2", hone
                 help="PGD, L2 (eps is the L2 radius)"))
 register(Attack("transfer", transfer_pgd, PGD_SETTINGS, kind="transfer", needs=("surrogate",),
                 help="PGD crafted on a separately trained surrogate (black-box transfer)"))
-ATTACKS = tuple(n for n, e in REGISTRY.items() if e.kind != "transfer")  # what make_attack builds alone
 
 
 def make_attack(name, eps, *, seed=0, masks="model", batch_size=None, lo=0.0, hi=1.0, surrogate=None,
@@ -504,3 +503,4 @@ register(Attack("autoattack", autoattack_examples,
                 {"version": Setting("standard", lambda n, v: C.choice(n, v, ("standard", "rand")), str,
                                     "standard or rand")},
                 honest=None, help="the AutoAttack cascade (APGD-CE, APGD-T, FAB-T, Square; rand: EOT)"))
+ATTACKS = tuple(n for n, e in REGISTRY.items() if e.kind != "transfer")  # what make_attack builds alone
