@@ -486,15 +486,14 @@ from .fab import fab_targeted  # noqa: E402
 from .autoattack import autoattack, autoattack_examples  # noqa: E402
 __all__ += ["apgd", "apgd_targeted", "square", "fab_targeted", "autoattack"]
 
-_APGD = {"steps": Setting(100, C.positive_int, int, "iterations"),
-         "restarts": RESTARTS,
-         "rho": Setting(0.75, C.positive, float, "step-halving threshold")}
+STEPS_100 = Setting(100, C.positive_int, int, "iterations")
+TARGETS = Setting(9, C.positive_int, int, "target classes, the top-k others at the clean point")
+_APGD = {"steps": STEPS_100, "restarts": RESTARTS, "rho": Setting(0.75, C.positive, float, "step-halving threshold")}
 _LOSS = Setting("ce", lambda n, v: losses.check(v, choices=("ce", "dlr")), str, "ce or dlr")
 register(Attack("apgd", apgd, dict(_APGD, loss=_LOSS), honest=None, help="Auto-PGD (Croce & Hein 2020), L-inf"))
-register(Attack("apgd_t", apgd_targeted, dict(_APGD, targets=Setting(9, C.positive_int, int, "target classes")),
+register(Attack("apgd_t", apgd_targeted, dict(_APGD, targets=TARGETS),
                 honest=None, help="Auto-PGD on the targeted DLR loss, the top-k other classes in turn"))
-register(Attack("fab_t", fab_targeted, {"steps": Setting(100, C.positive_int, int, "iterations"),
-                                        "targets": Setting(9, C.positive_int, int, "target classes")},
+register(Attack("fab_t", fab_targeted, {"steps": STEPS_100, "targets": TARGETS},
                 honest=None, help="targeted FAB (Croce & Hein 2020), L-inf"))
 register(Attack("square", square, {"queries": Setting(5000, C.positive_int, int, "queries per sample"),
                                    "p_init": Setting(0.8, C.positive, float, "initial square size (fraction)")},
