@@ -177,41 +177,41 @@ def pieces(model, layers, x):
     return max(1, min(-(-n // per_piece), n // MIN_PIECE))
 
 
-def loss_grad(model, layers, x, y, targeted=False):
-    """d(sum CE(model(x), y))/dx (its negative when targeted) through `layers` = plan(model);
-    None when a layer meets an input shape it does not handle (then use autograd)."""
+def _graph_free(model, layers, x, compute):
+    """compute(x, k) under no_grad, x detached and k = pieces(model, layers, x) micro-batches;
+    None when x's dtype or device differ from the parameters' or a layer meets an input
+    shape it does not handle (then the caller uses autograd)."""
     p = next(p for m in layers for p in m.parameters(recurse=False))
     if x.dtype != p.dtype or x.device != p.device:
         return None
     x = x.detach()
     try:
         with torch.no_grad():
-            k = pieces(model, layers, x)
-            if k == 1:
-                return _one(layers, x, y, targeted)
-            return torch.cat([_one(layers, xp, yp, targeted) for xp, yp in zip(x.tensor_split(k), y.tensor_split(k))])
+            return compute(x, pieces(model, layers, x))
     except _Unsupported:
         return None
 
+
+def loss_grad(model, layers, x, y, targeted=False):
+    """d(sum CE(model(x), y))/dx (its negative when targeted) through `layers` = plan(model);
+    None when a layer meets an input shape it does not handle (then use autograd)."""
+    def compute(x, k):
+        if k == 1:
+            return _one(layers, x, y, targeted)
+        return torch.cat([_one(layers, xp, yp, targeted) for xp, yp in zip(x.tensor_split(k), y.tensor_split(k))])
+    return _graph_free(model, layers, x, compute)
 
 
 def value_grad(model, layers, x, fn):
     """(d(sum_i L_i)/dx, L, logits) through `layers` = plan(model), for any per-sample loss
     given by fn(logits, rows) -> (L (n,), dL/dlogits (n x K)), where rows is the slice of x
     the logits belong to (micro-batches); None when a layer meets an input it does not handle."""
-    p = next(p for m in layers for p in m.parameters(recurse=False))
-    if x.dtype != p.dtype or x.device != p.device:
-        return None
-    x = x.detach()
-    try:
-        with torch.no_grad():
-            k = pieces(model, layers, x)
-            if k == 1:
-                return _one_value(layers, x, slice(0, x.shape[0]), fn)
-            parts, i = [], 0
-            for xp in x.tensor_split(k):
-                parts.append(_one_value(layers, xp, slice(i, i + xp.shape[0]), fn))
-                i += xp.shape[0]
-            return tuple(torch.cat(t) for t in zip(*parts))
-    except _Unsupported:
-        return None
+    def compute(x, k):
+        if k == 1:
+            return _one_value(layers, x, slice(0, x.shape[0]), fn)
+        parts, i = [], 0
+        for xp in x.tensor_split(k):
+            parts.append(_one_value(layers, xp, slice(i, i + xp.shape[0]), fn))
+            i += xp.shape[0]
+        return tuple(torch.cat(t) for t in zip(*parts))
+    return _graph_free(model, layers, x, compute)
