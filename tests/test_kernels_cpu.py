@@ -546,6 +546,18 @@ def _cpu_has(isa):
     return isa == "scalar" or {"avx2": "avx2", "avx512": "avx512f"}[isa] in flags
 
 
+def _isa_prelude(isa):
+    """The first lines of an every-ISA subprocess check: the ops, the assertion that the
+    extension picked `isa`, and the helpers the checks compare with."""
+    return f"""import torch, fastmask._C
+from fastmask import ops as fops, reference as ref
+ops = torch.ops.fastmask
+assert fops.build_info()["cpu_isa"] == {isa!r}, fops.build_info()
+def i64(v): return v - (1 << 64) if v >= 1 << 63 else v
+def same(a, b): return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+"""
+
+
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
 def test_every_isa_fused_paths_bitwise_at_1_2_3_threads(isa):
     """Under each FASTMASK_CPU_ISA cap (which must then be the path in use: build_info
@@ -559,13 +571,7 @@ def test_every_isa_fused_paths_bitwise_at_1_2_3_threads(isa):
     import sys
     if not _cpu_has(isa):
         pytest.skip(f"this CPU has no {isa}")
-    code = f"""
-import torch, fastmask._C
-from fastmask import ops as fops, reference as ref
-ops = torch.ops.fastmask
-assert fops.build_info()["cpu_isa"] == {isa!r}, fops.build_info()
-def i64(v): return v - (1 << 64) if v >= 1 << 63 else v
-def same(a, b): return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+    code = _isa_prelude(isa) + f"""
 g = torch.Generator().manual_seed(1)
 def special(x):
     f = x.view(-1)
@@ -623,13 +629,7 @@ def test_blur_forward_planes_bitwise(isa):
     import sys
     if not _cpu_has(isa):
         pytest.skip(f"this CPU has no {isa}")
-    code = f"""
-import torch, fastmask._C
-from fastmask import ops as fops, reference as ref
-ops = torch.ops.fastmask
-assert fops.build_info()["cpu_isa"] == {isa!r}, fops.build_info()
-def i64(v): return v - (1 << 64) if v >= 1 << 63 else v
-def same(a, b): return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+    code = _isa_prelude(isa) + f"""
 g = torch.Generator().manual_seed(4)
 shapes = ((3, 1, 5, 13), (2, 3, 2, 7), (2, 2, 1, 9), (3, 2, 6, 1), (1, 1, 1, 1), (4, 3, 9, 31),
           (2, 1, 2, 2), (70, 1, 28, 28), (5, 3, 17, 33))
