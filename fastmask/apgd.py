@@ -55,6 +55,24 @@ def check_labels(y, classes):
         raise ValueError(f"y must hold labels in [0, {classes}) (the model's classes), got {bad}")
 
 
+def check_targets(targets, classes):
+    """targets (None: untargeted) must leave at least one class: 1 <= targets < classes."""
+    if targets is not None and targets >= classes:
+        raise ValueError(f"targets must be an integer in [1, classes - 1 = {classes - 1}], got {targets}")
+
+
+def clean_logits(model, xb, yb, loss, choices=losses.LOSSES, targets=None):
+    """The clean forward every attack starts from: the logits z (N x classes), with the
+    output shape, the labels, the loss and `targets` checked against the model's classes."""
+    with torch.no_grad():
+        z = model(xb)
+    classes = check_output(z, xb.shape[0])
+    check_labels(yb, classes)
+    losses.check(loss, classes, choices)
+    check_targets(targets, classes)
+    return z
+
+
 # ----------------------------------------------------------------------------- the step-size rule
 
 def checkpoints(steps):
@@ -215,13 +233,7 @@ def _apgd(model, x, y, eps, norm, steps, loss, restarts, rho, eot_samples, masks
         C.positive_int("targets", targets)
 
     def one(xb, yb, k):
-        with torch.no_grad():
-            z = model(xb)
-        classes = check_output(z, xb.shape[0])
-        check_labels(yb, classes)
-        losses.check(loss, classes, APGD_LOSSES if targets is None else ("dlr-targeted",))
-        if targets is not None and targets >= classes:
-            raise ValueError(f"targets must be an integer in [1, classes - 1 = {classes - 1}], got {targets}")
+        z = clean_logits(model, xb, yb, loss, APGD_LOSSES if targets is None else ("dlr-targeted",), targets)
         # under fresh mask draws one forward says little: every sample is attacked
         robust = z.argmax(1) == yb if masks != "random" else torch.ones_like(yb, dtype=torch.bool)
         order = z.argsort(dim=1, descending=True)  # the target of rank j: the j-th highest non-top class

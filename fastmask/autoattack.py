@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from .apgd import _apgd, check_eps, check_labels, check_output
+from .apgd import _apgd, check_eps, check_labels, check_output, check_targets
 from . import _checks as C
 from .attacks import _loss_value_grad, check_inputs, feature_masks, model_state
 from .fab import fab_targeted
@@ -160,8 +160,8 @@ def _cascade(model, x, y, eps, norm, version, names, runners, draws, masks, seed
     if n:
         classes = check_output(z, 1)
         check_labels(y, classes)
-        if ("apgd-t" in names or "fab-t" in names) and targets >= classes:
-            raise ValueError(f"targets must be an integer in [1, classes - 1 = {classes - 1}], got {targets}")
+        if "apgd-t" in names or "fab-t" in names:
+            check_targets(targets, classes)
     t_all = time.perf_counter()
     flags = _flags(model, x, y, version, masks, batch_size) if n else []
     if randomized and not feature_masks(model):

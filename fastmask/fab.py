@@ -17,8 +17,7 @@ robust-accuracy figure). Deterministic: there are no random draws.
 """
 import torch
 
-from . import losses
-from .apgd import check_eps, check_labels, check_output
+from .apgd import check_eps, clean_logits
 from . import _checks as C
 from .attacks import _batched, _loss_value_grad, check_inputs, model_state
 
@@ -120,13 +119,7 @@ def fab_targeted(model, x, y, eps, *, norm="inf", steps=100, targets=9, alpha_ma
     stats = {"grads": 0, "queries": 0} if _stats is None else _stats
 
     def one(xb, yb, k):
-        with torch.no_grad():
-            z = model(xb)
-        classes = check_output(z, xb.shape[0])
-        check_labels(yb, classes)
-        losses.check("logit-diff", classes)
-        if targets >= classes:
-            raise ValueError(f"targets must be an integer in [1, classes - 1 = {classes - 1}], got {targets}")
+        z = clean_logits(model, xb, yb, "logit-diff", targets=targets)
         robust = z.argmax(1) == yb
         order = z.argsort(dim=1, descending=True)
         adv = xb.clone()

@@ -26,7 +26,7 @@ import math
 import torch
 
 from . import losses, ops
-from .apgd import check_eps, check_labels, check_output
+from .apgd import check_eps, clean_logits
 from . import _checks as C
 from .attacks import _batched, check_inputs, model_state
 
@@ -138,10 +138,7 @@ def square(model, x, y, eps, *, norm="inf", queries=5000, p_init=0.8, seed=0, ma
 
     def one(xb, yb, k):
         with torch.no_grad():
-            z = model(xb)
-            classes = check_output(z, xb.shape[0])
-            check_labels(yb, classes)
-            losses.check("cw", classes)
+            z = clean_logits(model, xb, yb, "cw")
             todo = (z.argmax(1) == yb).nonzero().squeeze(1)
             adv = xb.clone()
             if todo.numel():
