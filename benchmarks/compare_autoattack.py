@@ -1,9 +1,9 @@
 """fastmask's AutoAttack cascade against the same cascade built from torchattacks components.
 
 Same model, same images, same run, one torch thread: the committed adversarially
-trained CNN (docs/measured/cnn_pgd3.pt) and a standard CNN (trained here for one
-epoch if --standard does not exist), the first --n MNIST test images, L-inf at each
---eps. Both cascades run APGD-CE (100 steps), APGD-T (9 targets x 100 steps), FAB-T and
+trained CNN (docs/measured/cnn_pgd3.pt), a standard CNN and, with --models mlp, a
+standard MLP (each trained here for one epoch if its file does not exist), the first
+--n MNIST test images, L-inf at each --eps. Both cascades run APGD-CE (100 steps), APGD-T (9 targets x 100 steps), FAB-T and
 Square (5000 queries, p_init 0.8, no schedule rescaling), each on the points still
 robust, configured as the original (torchattacks' own AutoAttack class defaults to
 10 steps, so the cascade is built from APGD / APGDT / FAB / Square here), and FAB-T
@@ -34,14 +34,13 @@ from fastmask import attacks, autoattack as AA, data as D, models as M, ops, sta
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def standard_cnn(path, seed=0):
-    """A standard (not adversarially trained) CNN: one epoch of Adam on MNIST, cached at `path`."""
+def standard_model(path, kind="cnn", seed=0):
+    """A standard (not adversarially trained) `kind` ("cnn" or "mlp"): one epoch of Adam on MNIST,
+    cached at `path`."""
     path = Path(path)
-    if path.exists():
-        return M.load(path)
     d = D.load("mnist")
     x, y = D.to_float(d.x_train), d.y_train
-    model = M.build("cnn", seed=seed)
+    model = M.build(kind, seed=seed)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(x), generator=g)
@@ -57,13 +56,13 @@ def standard_cnn(path, seed=0):
     return model
 
 
-def load_standard(path):
+def load_standard(path, kind="cnn"):
     path = Path(path)
     if path.exists():
-        model = M.build("cnn")
+        model = M.build(kind)
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
-    return standard_cnn(path).eval()
+    return standard_model(path, kind).eval()
 
 
 def correct(model, x, y):
@@ -150,8 +149,10 @@ def main(argv=None):
     ap.add_argument("--queries", type=int, default=5000)
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per side (alternating)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--models", default="standard,cnn_pgd3")
+    ap.add_argument("--models", default="standard,cnn_pgd3", help="comma-separated: standard (CNN), cnn_pgd3, "
+                    "mlp (a standard MLP)")
     ap.add_argument("--standard", default=str(ROOT / "results" / "aa_cnn_standard.pt"))
+    ap.add_argument("--standard-mlp", default=str(ROOT / "results" / "aa_mlp_standard.pt"))
     ap.add_argument("--no-fab", dest="fab", action="store_false", help="leave FAB-T out of both cascades")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "results" / "compare_autoattack.md"))
@@ -168,6 +169,7 @@ def main(argv=None):
                   f"({tq * 1e3:.3f} / {tp * 1e3:.3f} ms)")
         return None
     zoo = {"standard": lambda: load_standard(a.standard),
+           "mlp": lambda: load_standard(a.standard_mlp, "mlp"),
            "cnn_pgd3": lambda: M.load(ROOT / "docs" / "measured" / "cnn_pgd3.pt").eval()}
     rows, lines = [], []
     for mname in a.models.split(","):
