@@ -135,6 +135,9 @@ def step_ratio(model, x, y, eps, steps=10, reps=3):
     return min(ta_) / min(tp), min(tp), min(ta_)
 
 
+NOT_RUN = ({"stages": []}, float("nan"), float("nan"))
+
+
 def timed(fn):
     w, c = time.perf_counter(), time.process_time()
     r = fn()
@@ -150,12 +153,14 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per side (alternating)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--models", default="standard,cnn_pgd3", help="comma-separated: standard (CNN), cnn_pgd3, "
-                    "mlp (a standard MLP)")
+                    "mlp (a standard MLP), or the path of a fastmask checkpoint")
     ap.add_argument("--standard", default=str(ROOT / "results" / "aa_cnn_standard.pt"))
     ap.add_argument("--standard-mlp", default=str(ROOT / "results" / "aa_mlp_standard.pt"))
     ap.add_argument("--no-fab", dest="fab", action="store_false", help="leave FAB-T out of both cascades")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "results" / "compare_autoattack.md"))
+    ap.add_argument("--fastmask-only", dest="torchattacks", action="store_false",
+                    help="only fastmask's cascade (its figures, without the comparison)")
     ap.add_argument("--step-ratio", action="store_true", help="only time one APGD-CE step against one PGD step")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -173,7 +178,7 @@ def main(argv=None):
            "cnn_pgd3": lambda: M.load(ROOT / "docs" / "measured" / "cnn_pgd3.pt").eval()}
     rows, lines = [], []
     for mname in a.models.split(","):
-        model = zoo[mname]()
+        model = zoo[mname]() if mname in zoo else M.load(mname).eval()  # or a fastmask checkpoint's path
         tg, tf = per_sample_costs(model, x, y)
         for eps in [float(e) for e in a.eps.split(",")]:
             fm_runs, ta_runs = [], []
@@ -181,22 +186,24 @@ def main(argv=None):
                 fm_runs.append(timed(lambda: fastmask_cascade(model, x, y, eps, a.steps, a.queries, a.seed,
                                                               a.fab)))
                 ta_runs.append(timed(lambda: torchattacks_cascade(model, x, y, eps, a.steps, a.queries, a.seed,
-                                                                  a.fab)))
+                                                                  a.fab)) if a.torchattacks else NOT_RUN)
             fm, ta = fm_runs[0][0], ta_runs[0][0]
             row = {"model": mname, "eps": eps, "n": a.n, "clean": fm["clean"], "stages": []}
-            for (name, r_fm, s_fm, cost), (name2, r_ta, s_ta, _) in zip(fm["stages"], ta["stages"]):
+            for (name, r_fm, s_fm, cost), (name2, r_ta, s_ta, _) in zip(fm["stages"], ta["stages"]
+                                                                        or [(n, None, None, None)
+                                                                            for n, *_ in fm["stages"]]):
                 assert name == name2
                 lo, hi = stats.wilson(round(r_fm * a.n), a.n)
                 model_s = cost["grads"] * tg + cost["queries"] * tf
                 row["stages"].append({"attack": name, "fastmask": r_fm, "torchattacks": r_ta,
-                                      "wilson95": [lo, hi], "agree": lo <= r_ta <= hi,
+                                      "wilson95": [lo, hi], "agree": None if r_ta is None else lo <= r_ta <= hi,
                                       "fastmask_s": s_fm, "torchattacks_s": s_ta,
                                       "fastmask_model_s": model_s, "fastmask_bookkeeping_s": s_fm - model_s,
                                       "fastmask_cost": cost})
             fw = statistics.median(r[1] for r in fm_runs)
-            tw = statistics.median(r[1] for r in ta_runs)
             fc = statistics.median(r[2] for r in fm_runs)
-            tc = statistics.median(r[2] for r in ta_runs)
+            tw = statistics.median(r[1] for r in ta_runs) if a.torchattacks else float("nan")
+            tc = statistics.median(r[2] for r in ta_runs) if a.torchattacks else float("nan")
             row.update({"fastmask_wall_s": fw, "torchattacks_wall_s": tw, "fastmask_cpu_s": fc,
                         "torchattacks_cpu_s": tc, "speedup_wall": tw / fw, "speedup_cpu": tc / fc,
                         "per_sample_grad_s": tg, "per_sample_forward_s": tf})
@@ -220,10 +227,13 @@ def main(argv=None):
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for s in r["stages"]:
+            ta_r, ta_s = ("not run", "–") if s["agree"] is None else (f"{s['torchattacks']:.1%}",
+                                                                      f"{s['torchattacks_s']:.1f}")
+            agree = {None: "–", True: "yes", False: "NO"}[s["agree"]]
             lines.append(f"| {r['model']} | {r['eps']} | {r['clean']:.1%} | {s['attack']} | {s['fastmask']:.1%} | "
-                         f"{s['torchattacks']:.1%} | {s['wilson95'][0]:.1%}–{s['wilson95'][1]:.1%} | "
-                         f"{'yes' if s['agree'] else 'NO'} | {s['fastmask_s']:.1f} ({s['fastmask_model_s']:.1f} / "
-                         f"{s['fastmask_bookkeeping_s']:.1f}) | {s['torchattacks_s']:.1f} |")
+                         f"{ta_r} | {s['wilson95'][0]:.1%}–{s['wilson95'][1]:.1%} | {agree} | "
+                         f"{s['fastmask_s']:.1f} ({s['fastmask_model_s']:.1f} / {s['fastmask_bookkeeping_s']:.1f}) | "
+                         f"{ta_s} |")
     lines += ["", "| model | eps | fastmask wall s | torchattacks wall s | speedup (wall) | fastmask CPU s | "
               "torchattacks CPU s | speedup (CPU) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
