@@ -147,6 +147,7 @@ def timed(fn):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=500)
+    ap.add_argument("--start", type=int, default=0, help="the test images start..start+n-1 (default the first n)")
     ap.add_argument("--eps", default="0.3,0.1")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--queries", type=int, default=5000)
@@ -165,7 +166,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     d = D.load("mnist")
-    x, y = D.to_float(d.x_test[:a.n]), d.y_test[:a.n]
+    x, y = D.to_float(d.x_test[a.start:a.start + a.n]), d.y_test[a.start:a.start + a.n]
     if a.step_ratio:
         model = M.load(ROOT / "docs" / "measured" / "cnn_pgd3.pt").eval()
         for eps in [float(e) for e in a.eps.split(",")]:
@@ -220,7 +221,7 @@ def main(argv=None):
         pass
     lines += [f"# AutoAttack cascade: fastmask vs torchattacks components", "",
               f"CPU {cpu}, ISA {info.get('cpu_isa')}, torch {torch.__version__}, {a.threads} thread(s), "
-              f"first {a.n} MNIST test images, L-inf, steps {a.steps}, queries {a.queries}, seed {a.seed}, "
+              f"MNIST test images {a.start}..{a.start + a.n - 1}, L-inf, steps {a.steps}, queries {a.queries}, seed {a.seed}, "
               f"{a.repeats} timed run(s) per side.", "",
               "| model | eps | clean | attack | fastmask robust | torchattacks robust | 95 % Wilson (fastmask) | "
               "agree | fastmask s (model / rest) | torchattacks s |",
