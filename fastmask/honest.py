@@ -103,12 +103,13 @@ class HonestSettings:
             A.get(name).options(opts)  # an unknown attack or setting, or a bad value: the error names it
 
     def to_dict(self):
-        """What honest.json records: attack_opts only when given, the aa_* sizes only with AutoAttack."""
+        """What honest.json records: attack_opts only when given, attacks and the aa_* sizes only with
+        AutoAttack (so a PGD-only evaluation records what it did before AutoAttack existed)."""
         d = dataclasses.asdict(self)
         if not d["attack_opts"]:
             del d["attack_opts"]
         if self.attacks != "autoattack":
-            for k in AA_FIELDS:
+            for k in AA_FIELDS + ("attacks",):
                 del d[k]
         return d
 

@@ -83,6 +83,8 @@ def test_versions_per_row_and_the_worst_case_includes_autoattack(run):
 
 def test_pgd_rows_stay_as_they_were_and_are_reused(run):
     out, _, _, pgd, mtimes, rep = run
+    # a PGD-only evaluation records its settings as before AutoAttack existed (scripts/results_check.sh digests)
+    assert not {"attacks", "aa_steps", "aa_queries", "aa_targets", "aa_draws"} & set(pgd["settings"])
     for row, r in rep["rows"].items():
         for name, acc in pgd["rows"][row]["robustness"]["accuracy"].items():
             assert r["robustness"]["accuracy"][name] == acc, (row, name)
