@@ -169,13 +169,14 @@ def test_each_piece_draws_from_its_own_offsets(monkeypatch):
     seen = []
 
     def fake(m, x, y, eps, **kw):
+        assert kw == {"version": "rand", "steps": 4, "seed": 0, "batch_size": None}  # the row's options
         seen.append(int(fm.step))
         fm.step.add_(100)  # the cascade's own forwards advance it
         return x, {"correct": torch.ones(len(y), 5, dtype=torch.bool), "flags": []}
     monkeypatch.setattr(AA, "autoattack", fake)
     x, y = _data()
     for j in (1, 2, 1):
-        AA.piece(model, x, y, 0.1, j, {"version": "rand"}, seed=0, batch_size=None)
+        AA.piece(model, x, y, 0.1, j, {"version": "rand", "steps": 4}, seed=0, batch_size=None)
     assert seen == [7 + (2 << 32), 7 + (3 << 32), 7 + (2 << 32)] and int(fm.step) == 7
 
 
