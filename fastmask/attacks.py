@@ -498,8 +498,14 @@ register(Attack("fab_t", fab_targeted, {"steps": STEPS_100, "targets": TARGETS},
 register(Attack("square", square, {"queries": Setting(5000, C.positive_int, int, "queries per sample"),
                                    "p_init": Setting(0.8, C.positive, float, "initial square size (fraction)")},
                 kind="black_box", honest=None, help="Square Attack (Andriushchenko et al. 2020), gradient-free, L-inf"))
+_DRAWS = Setting(None, lambda n, v: None if v is None else C.positive_int(n, v), lambda t: None if t.lower() in
+                 ("none", "auto") else int(t), "forwards scoring each result; none: 1 (standard), 5 (rand)")
+# honest=None: the honest evaluation runs the cascade itself (fastmask.honest_autoattack: standard or
+# rand per row, a per-attack report), not as one more x_adv
 register(Attack("autoattack", autoattack_examples,
                 {"version": Setting("standard", lambda n, v: C.choice(n, v, ("standard", "rand")), str,
-                                    "standard or rand")},
+                                    "standard or rand"),
+                 "steps": STEPS_100, "queries": Setting(5000, C.positive_int, int, "Square queries per sample"),
+                 "targets": TARGETS, "draws": _DRAWS, "eot_samples": SAMPLES},
                 honest=None, help="the AutoAttack cascade (APGD-CE, APGD-T, FAB-T, Square; rand: EOT)"))
 ATTACKS = tuple(n for n, e in REGISTRY.items() if e.kind != "transfer")  # what make_attack builds alone

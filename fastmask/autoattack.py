@@ -117,7 +117,8 @@ def autoattack(model, x, y, eps, *, norm="inf", version="standard", attacks=None
         (x_adv, report): x_adv like x, each point the strongest adversarial point found
         (x itself where nothing beat the clean point); report a dict: "clean" and "robust"
         accuracy ({"mean", "worst", "all_draws"} over the draws), "attacks": per attack
-        {"name", "attacked", "removed", "robust", "grads" | "queries", "seconds"}, "flags".
+        {"name", "attacked", "removed", "robust", "grads" | "queries", "seconds"}, "flags", and
+        "correct" (N x draws bool: each point right at its x_adv in each scoring draw).
     """
     check_inputs(x, y, batch_size)
     norm = C.norm("norm", norm)
@@ -201,10 +202,13 @@ def _cascade(model, x, y, eps, norm, version, names, runners, draws, masks, seed
             flags.append(f"square stronger than the white-box attacks: robust {accs['square']:.2%} after it, "
                          f"{white:.2%} before (gradient masking?)")
     report["seconds"] = time.perf_counter() - t_all
+    report["correct"] = correct  # N x draws: each point classified right in each scoring draw
     return x_adv, report
 
 
-def autoattack_examples(model, x, y, eps, *, version="standard", seed=0, batch_size=None):
+def autoattack_examples(model, x, y, eps, *, version="standard", seed=0, batch_size=None, steps=100, queries=5000,
+                        targets=9, draws=None, eot_samples=20):
     """autoattack(...)[0]: the cascade as a plain attack(model, x, y, eps) -> x_adv (the registry's
     "autoattack" entry, for make_attack and evaluate.robustness); the report is dropped."""
-    return autoattack(model, x, y, eps, version=version, seed=seed, batch_size=batch_size)[0]
+    return autoattack(model, x, y, eps, version=version, seed=seed, batch_size=batch_size, steps=steps,
+                      queries=queries, targets=targets, draws=draws, eot_samples=eot_samples)[0]

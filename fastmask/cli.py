@@ -3,7 +3,8 @@
     fastmask reproduce [--model mlp|cnn] [--preset smoke|default|full] [--out DIR] ...
     fastmask train --out DIR [--mask-ratio R --mask-scope sample|fixed ...] [--adv-train fgsm|pgd|trades [--adv-steps K]]
     fastmask attack --checkpoint PATH [--eps ...] [--json]
-    fastmask evaluate --checkpoint NAME=PATH ... [--surrogate PATH] [--preset check|standard|thorough]
+    fastmask evaluate --checkpoint NAME=PATH ... [--model-def [NAME=]pkg.mod:factory --weights FILE ...]
+                      [--surrogate PATH] [--preset check|standard|thorough] [--attacks pgd|autoattack]
                       [--attack-opt NAME.KEY=VALUE ...] --out DIR   (honest evaluation)
     fastmask reproduce --honest [--seeds N]   (Table I over seeds + honest evaluation)
     fastmask tune [--ratios 0.1,0.3 --patterns random,fixed --modes pixel,block,blur --variability 0,2] --out DIR
@@ -130,6 +131,7 @@ def folder_arg(path):
 
 def build_parser():
     from .honest import ATTACK_PRESETS, PRESET_ALIASES
+    from .honest_autoattack import SUITES
     from .pipeline import DEFAULT_ROWS, ROW_GROUPS, ROWS, TRAIN_PRESETS
     p = Parser(prog="fastmask", description="Feature masking and gradient manipulation against "
                "adversarial examples (Ingle and Pawale), reproduced on MNIST.")
@@ -208,6 +210,16 @@ def build_parser():
     e = sub.add_parser("evaluate", help="honest robustness evaluation of checkpoints (every attack, checks, tests)")
     e.add_argument("--checkpoint", action="append", metavar="NAME=PATH", help="a model (repeatable)")
     e.add_argument("--from", dest="from_dir", metavar="DIR", help="every DIR/checkpoints/*.pt (a reproduce folder)")
+    e.add_argument("--model-def", action="append", metavar="[NAME=]PKG.MOD:FACTORY", help="any model: FACTORY() "
+                   "from the Python path returns a torch.nn.Module, N x C x H x W in [0, 1] -> logits (repeatable, "
+                   "each with one --weights)")
+    e.add_argument("--weights", action="append", metavar="FILE", help="the state dict of a --model-def "
+                   "(torch.load weights_only=True)")
+    e.add_argument("--dataset", choices=("mnist", "fashion-mnist"), help="test set (default: the first "
+                   "checkpoint's, else mnist)")
+    e.add_argument("--attacks", choices=SUITES, default="pgd", help="pgd: FGSM, PGD, PGD with restarts, "
+                   "transfer, EOT-PGD, frozen-mask PGD; autoattack: also AutoAttack (standard; rand on rows "
+                   "masked at test time; sizes: the preset, then --attack-opt autoattack.KEY=V)")
     e.add_argument("--surrogate", help="checkpoint of a separately trained model for the transfer attack")
     e.add_argument("--baseline", help="the row the others are tested against (default: 'baseline' if given)")
     e.add_argument("--out", required=True, help="folder for honest.md, honest.json, honest_accuracy_vs_eps.png")
@@ -321,50 +333,31 @@ def cmd_evaluate(args):
     evaluate_command(args, log=(lambda *a: None) if args.quiet else print)
 
 
-def parse_checkpoints(specs, from_dir=None):
-    """{name: path} from NAME=PATH strings and/or the checkpoints/*.pt of a reproduce folder."""
-    out = {}
-    if from_dir is not None:
-        folder = Path(from_dir) / "checkpoints"
-        if not folder.is_dir():
-            raise ValueError(f"--from {str(from_dir)!r}: no checkpoints/ folder in it")
-        out.update({p.stem: p for p in sorted(folder.glob("*.pt"))})
-    for spec in specs or ():
-        name, sep, path = spec.partition("=")
-        if not sep:
-            name, path = Path(spec).stem, spec
-        if not name or not path:
-            raise ValueError(f"--checkpoint {spec!r}: expected NAME=PATH or PATH")
-        out[name] = Path(path)
-    if not out:
-        raise ValueError("no models: give --checkpoint NAME=PATH (repeatable) or --from DIR")
-    if "baseline" in out:  # first in every table
-        out = {"baseline": out.pop("baseline"), **out}
-    return out
-
-
 def evaluate_command(args, log=print):
     """`fastmask evaluate`: the honest evaluation of checkpoints; files under args.out."""
     from . import attacks as A, data as D, models as M
-    from .honest import FILES, HonestSettings, evaluate_models, load_models
+    from .honest import FILES, HonestSettings, evaluate_models
+    from .usermodel import check_logits, command_models
     settings = HonestSettings.preset(args.preset, n=args.n, eps_list=args.eps, pgd_steps=args.pgd_steps,
                                      pgd_alpha=args.pgd_alpha, restarts=args.restarts,
-                                     eot_samples=args.eot_samples, seed=args.seed,
+                                     eot_samples=args.eot_samples, seed=args.seed, attacks=args.attacks,
                                      attack_opts=A.parse_options(getattr(args, "attack_opt", None)) or None)
-    specs = parse_checkpoints(args.checkpoint, args.from_dir)
-    baseline = args.baseline if args.baseline else ("baseline" if "baseline" in specs else None)
-    if baseline is not None and baseline not in specs:
-        raise ValueError(f"--baseline {baseline!r} is not one of the models {list(specs)}")
+    specs, defs, models = command_models(args.checkpoint, args.from_dir, args.model_def, args.weights)
+    baseline = args.baseline if args.baseline else ("baseline" if "baseline" in models else None)
+    if baseline is not None and baseline not in models:
+        raise ValueError(f"--baseline {baseline!r} is not one of the models {list(models)}")
     settings.mtest = not args.no_mtest
-    models = load_models(specs)
     surrogate = M.load(args.surrogate) if args.surrogate else None
-    blob = M.read_checkpoint(next(iter(specs.values())))
-    cfg = blob.get("config") or {}
-    data = D.load(cfg.get("dataset", "mnist"), args.data_dir)
+    cfg = (M.read_checkpoint(next(iter(specs.values()))).get("config") or {}) if specs else {}
+    dataset = args.dataset or cfg.get("dataset", "mnist")
+    data = D.load(dataset, args.data_dir)
     x, y = D.to_float(data.x_test), data.y_test
-    about = {"data": f"{cfg.get('dataset', 'mnist')} test set ({data.source}, sha256 {data.sha256[:12]}), "
+    for spec, model in defs.items():
+        check_logits(model, x, int(y.max()) + 1, f"--model-def {spec!r}")
+    about = {"data": f"{dataset} test set ({data.source}, sha256 {data.sha256[:12]}), "
                      f"the first {min(settings.n, len(y))} images",
-             "models": ", ".join(f"{k}={v}" for k, v in specs.items()),
+             "models": ", ".join([f"{k}={v}" for k, v in specs.items()] + [
+                 f"{s} with --weights {w}" for s, w in zip(args.model_def or (), args.weights or ())]),
              "surrogate": str(args.surrogate) if args.surrogate else "none (no transfer attack)"}
     for name, path in specs.items():
         b = M.read_checkpoint(path)

@@ -7,12 +7,14 @@
   row's robust correctness against the baseline (stats.versus_baseline).
 - evaluate_models(models, x, y, out, ...): honest_report row by row, every row
   cached in out/honest_cache/ and reused on a rerun when the model, data and
-  settings match (resumable); writes honest.md, honest.json and
+  settings match (resumable); with HonestSettings.attacks="autoattack" also
+  AutoAttack per row and eps (honest_autoattack: standard, or rand on rows masked
+  at test time; each piece cached on its own); writes honest.md, honest.json and
   honest_accuracy_vs_eps.png (report.write_honest, atomically).
 - run_honest(cfg, seeds): `fastmask reproduce --honest`: seeds.reproduce_seeds,
   then the evaluation of the first seed's models; the transfer surrogate is the
   baseline of the next seed (trained separately).
-`fastmask evaluate` (cli.py) calls evaluate_models on checkpoints.
+`fastmask evaluate` (cli.py) calls evaluate_models on checkpoints and --model-def models (usermodel).
 
 The attacks and their settings come from the registry (attacks.REGISTRY);
 HonestSettings sizes them (ATTACK_PRESETS: check, standard, thorough) and
@@ -35,6 +37,7 @@ from . import attacks as A
 from . import data as D
 from . import distributed
 from . import evaluate as E
+from . import honest_autoattack as AA
 from . import models as M
 from . import report, stats
 
@@ -42,10 +45,13 @@ __all__ = ["ATTACK_PRESETS", "PRESET_ALIASES", "HonestSettings", "honest_report"
            "load_models", "run_honest", "FILES"]
 
 FILES = report.HONEST_FILES
-ATTACK_PRESETS = {  # attack sizes; n: the first n test images; pgd_alpha None: 2.5 eps / steps
-    "check": dict(n=40, eps_list=(0.0, 0.1, 0.3, 1.0), pgd_steps=5, restarts=2, eot_samples=2),
+ATTACK_PRESETS = {  # attack sizes; n: the first n test images; pgd_alpha None: 2.5 eps / steps;
+    # aa_*: AutoAttack's APGD/FAB steps, Square queries, targets, scoring draws of "rand" (its EOT: eot_samples);
+    # "check" is a quick look (a run in seconds), standard and thorough the original's sizes
+    "check": dict(n=40, eps_list=(0.0, 0.1, 0.3, 1.0), pgd_steps=5, restarts=2, eot_samples=2,
+                  aa_steps=10, aa_queries=50, aa_targets=3, aa_draws=5),
     "standard": dict(n=500, eps_list=E.HONEST_EPS, pgd_steps=40, restarts=5, eot_samples=10),
-    "thorough": dict(n=1000, eps_list=E.HONEST_EPS, pgd_steps=50, restarts=10, eot_samples=20),
+    "thorough": dict(n=1000, eps_list=E.HONEST_EPS, pgd_steps=50, restarts=10, eot_samples=20, aa_draws=10),
 }
 # the old names (they were the training presets' names too); `fastmask evaluate` takes them with a note,
 # and `reproduce --honest --preset P` sizes its attacks with PRESET_ALIASES[P]
@@ -64,6 +70,11 @@ class HonestSettings:
     seed: int = 0
     mtest: bool = True      # also the "[M_test]" row of masked models
     attack_opts: dict = dataclasses.field(default_factory=dict)  # {attack: {key: value}}, on top of the above
+    attacks: str = "pgd"    # "pgd": FGSM, PGD, restarts, transfer, EOT, frozen; "autoattack": also AutoAttack
+    aa_steps: int = 100
+    aa_queries: int = 5000
+    aa_targets: int = 9
+    aa_draws: int = 5
 
     @classmethod
     def preset(cls, name, **over):
@@ -73,8 +84,16 @@ class HonestSettings:
         return cls(**dict(ATTACK_PRESETS[name], **{k: v for k, v in over.items() if v is not None}))
 
     def __post_init__(self):
-        for k in ("n", "pgd_steps", "restarts", "eot_samples", "batch_size"):
+        for k in ("n", "pgd_steps", "restarts", "eot_samples", "batch_size", "aa_steps", "aa_queries",
+                  "aa_targets", "aa_draws"):
             C.field(C.positive_int, k, getattr(self, k))
+        C.field(C.choice, "attacks", self.attacks, AA.SUITES)
+        aa_opts = self.attack_opts.get("autoattack", {})
+        if aa_opts and self.attacks != "autoattack":
+            raise ValueError(f"attack_opts autoattack={aa_opts!r} needs attacks='autoattack', got {self.attacks!r}")
+        if "version" in aa_opts:
+            raise ValueError(f"autoattack.version={aa_opts['version']!r}: the honest evaluation picks the version "
+                             "per row (standard; rand on rows masked at test time)")
         self.eps_list = tuple(float(e) for e in self.eps_list)
         if not self.eps_list or any(not 0 <= e <= 1 for e in self.eps_list):
             raise ValueError(f"eps_list={list(self.eps_list)!r} must be non-empty values in [0, 1]")
@@ -84,11 +103,26 @@ class HonestSettings:
             A.get(name).options(opts)  # an unknown attack or setting, or a bad value: the error names it
 
     def to_dict(self):
-        """What honest.json records (and the cache key holds): attack_opts only when given."""
+        """What honest.json records: attack_opts only when given, attacks and the aa_* sizes only with
+        AutoAttack (so a PGD-only evaluation records what it did before AutoAttack existed)."""
         d = dataclasses.asdict(self)
         if not d["attack_opts"]:
             del d["attack_opts"]
+        if self.attacks != "autoattack":
+            for k in AA_FIELDS + ("attacks",):
+                del d[k]
         return d
+
+    def row_key(self):
+        """The settings a row's PGD suite depends on (its cache key): the AutoAttack ones left out, so
+        adding AutoAttack to an evaluation reuses its cached PGD rows."""
+        d = {k: v for k, v in self.to_dict().items() if k not in AA_FIELDS and k != "attacks"}
+        opts = {k: v for k, v in d.get("attack_opts", {}).items() if k != "autoattack"}
+        d.pop("attack_opts", None)
+        return dict(d, attack_opts=opts) if opts else d
+
+
+AA_FIELDS = ("aa_steps", "aa_queries", "aa_targets", "aa_draws")
 
 
 # ---------------------------------------------------------------- helpers
@@ -243,23 +277,28 @@ def evaluate_models(models, x, y, out, *, settings=None, surrogate=None, baselin
         else:
             transfer_x = {float(e): v for e, v in blob["value"].items()}
     rows = {}
+    row_cfg = s.row_key()
     for name, model in models.items():
         for row, m, tm in variants(name, model, s.mtest):
             path = out / "honest_cache" / f"{_slug(row)}.pt"
-            key = {"model": model_hash(m), "test_mask": tm, "data": data_key, "surrogate": sur_key, "settings": cfg}
+            key = {"model": model_hash(m), "test_mask": tm, "data": data_key, "surrogate": sur_key,
+                   "settings": row_cfg}
             blob = _load_cache(path, key)
             if blob is not None:
                 log(f"[{row}] resumed from {path}")
                 rows[row] = blob["value"]
-                continue
-            log(f"[{row}] attacking {len(y)} images (masks at test time: {'random' if tm else 'model'})")
-            one = honest_report({row: m}, x, y, eps_list=s.eps_list, surrogate=transfer_x,
-                                pgd_steps=s.pgd_steps, pgd_alpha=s.pgd_alpha, restarts=s.restarts,
-                                eot_samples=s.eot_samples, test_mask=tm, batch_size=s.batch_size, seed=s.seed,
-                                options=s.attack_opts)
-            rows[row] = one["rows"][row]
-            rows[row]["clean"].pop("correct", None)
-            _atomic_torch(path, {"key": key, "value": rows[row]})
+            else:
+                log(f"[{row}] attacking {len(y)} images (masks at test time: {'random' if tm else 'model'})")
+                one = honest_report({row: m}, x, y, eps_list=s.eps_list, surrogate=transfer_x,
+                                    pgd_steps=s.pgd_steps, pgd_alpha=s.pgd_alpha, restarts=s.restarts,
+                                    eot_samples=s.eot_samples, test_mask=tm, batch_size=s.batch_size, seed=s.seed,
+                                    options={k: v for k, v in s.attack_opts.items() if k != "autoattack"})
+                rows[row] = one["rows"][row]
+                rows[row]["clean"].pop("correct", None)
+                _atomic_torch(path, {"key": key, "value": rows[row]})
+            if s.attacks == "autoattack":
+                _autoattack_row(rows[row], row, m, tm, x, y, s, {k: key[k] for k in ("model", "test_mask", "data")},
+                                out, log)
     rep = {"eps": list(s.eps_list), "baseline": baseline, "settings": cfg, "about": about or {},
            "surrogate": sur_key is not None, "rows": rows}
     if baseline is not None:
@@ -267,6 +306,31 @@ def evaluate_models(models, x, y, out, *, settings=None, surrogate=None, baselin
             rows[row]["vs_baseline"] = vs
     report.write_honest(rep, out)
     return rep
+
+
+def _autoattack_row(value, row, model, tm, x, y, s, key, out, log):
+    """AutoAttack on one row (honest_autoattack), every (row, eps) piece cached on its own and written
+    as soon as it is done; under torchrun the missing pieces are shared out over the ranks."""
+    kw = AA.options(s, tm, classes=E.logits(model, x[:1], masks="random" if tm else "model").shape[1])
+    paths = [out / "honest_cache" / f"{_slug(row)}.autoattack_{j}.pt" for j in range(len(s.eps_list))]
+    keys = [dict(key, eps=e, autoattack=kw, seed=s.seed, batch_size=s.batch_size) for e in s.eps_list]
+    pieces = [None if e == 0 else _load_cache(p, k) for e, p, k in zip(s.eps_list, paths, keys)]
+    todo = [j for j, e in enumerate(s.eps_list) if e != 0 and pieces[j] is None]
+    if len(todo) < sum(e != 0 for e in s.eps_list):
+        log(f"[{row}] AutoAttack-{kw['version']}: {sum(e != 0 for e in s.eps_list) - len(todo)} eps resumed")
+
+    def run(i):
+        j = todo[i]
+        log(f"[{row}] AutoAttack-{kw['version']} at eps {s.eps_list[j]:g}")
+        blob = {"key": keys[j], "value": AA.piece(model, x, y, s.eps_list[j], j, kw, seed=s.seed,
+                                                   batch_size=s.batch_size)}
+        _atomic_torch(paths[j], blob)
+        return blob
+    for j, blob in zip(todo, distributed.shard_map(run, len(todo))):
+        if distributed.enabled():  # the other ranks' pieces (rank 0 wrote its own in run)
+            _atomic_torch(paths[j], blob)
+        pieces[j] = blob
+    AA.merge(value, [None if p is None else p["value"] for p in pieces], s.eps_list, kw)
 
 
 def _load_cache(path, key):
@@ -287,7 +351,8 @@ def _read_cache(path, key):
 
 def run_honest(cfg, seeds=3, settings=None, log=print):
     """reproduce_seeds, then the honest evaluation of the first seed's models (surrogate: the next
-    seed's baseline, trained here if seeds == 1). Returns (seeds aggregate, honest report)."""
+    seed's baseline, trained here if seeds == 1); by default the preset PRESET_ALIASES[cfg.preset]
+    with AutoAttack (attacks="autoattack"). Returns (seeds aggregate, honest report)."""
     from .pipeline import TRAIN_PRESETS, ReproduceConfig, run_reproduce
     from .seeds import reproduce_seeds
     if isinstance(cfg, dict):
@@ -295,7 +360,7 @@ def run_honest(cfg, seeds=3, settings=None, log=print):
     if cfg.quiet:
         log = lambda *a, **k: None  # noqa: E731
     agg, per_seed = reproduce_seeds(cfg, seeds, log=log)
-    settings = settings or HonestSettings.preset(PRESET_ALIASES[cfg.preset], seed=cfg.seed)
+    settings = settings or HonestSettings.preset(PRESET_ALIASES[cfg.preset], seed=cfg.seed, attacks="autoattack")
     first = Path(cfg.out) / f"seed_{cfg.seed}"
     models = load_models({r: first / "checkpoints" / f"{r}.pt" for r in cfg.rows})
     sur_dir = Path(cfg.out) / f"seed_{cfg.seed + 1}"

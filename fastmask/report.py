@@ -336,7 +336,8 @@ def honest_markdown(report):
              "Robust accuracy: per sample, right on the clean input and under every attack (rows masked at "
              "test time score every attack with a fresh mask draw, so their worst case also holds the "
              "defence's own randomness). "
-             "eps = 1 holds every image, so every row must fall to ~0 there (a sanity check).", "",
+             "eps = 1 holds every image, so every row must fall to ~0 there (a sanity check)."
+             + _autoattack_intro(s), "",
              "## Robust accuracy (%) vs eps", "",
              "| row | clean | " + " | ".join(f"eps {e:g}" for e in eps)
              + f" | vs baseline at eps {eps[k]:g} (McNemar) | sanity checks |",
@@ -361,11 +362,51 @@ def honest_markdown(report):
                     t = f"{100 * c['delta']:+.1f} (p={c['p_value']:.2g})"
                     cells.append(f"**{t}**" if c["significant"] else t)
                 lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    lines += autoattack_markdown(report)
     lines += ["", "## Every attack, per row", "", format_report(report)]
     about = report.get("about") or {}
     if about:
         lines += ["## Set-up", ""] + [f"- {k}: {v}" for k, v in about.items()]
     return "\n".join(lines) + "\n"
+
+
+def _autoattack_intro(s):
+    if s.get("attacks") != "autoattack":
+        return ""
+    return (f" AutoAttack (Croce & Hein 2020), each attack on the points still robust: standard (APGD-CE, "
+            f"APGD-T and FAB-T with {s['aa_targets']} targets, {s['aa_steps']} steps; Square, {s['aa_queries']} "
+            f"queries) on rows without test-time masks, rand (APGD-CE and APGD-DLR, EOT over "
+            f"{s['eot_samples']} mask draws per step, every result scored over {s['aa_draws']} draws; a point "
+            "counts as robust only when right in every draw) on rows masked at test time; the robust worst "
+            "case includes it.")
+
+
+def autoattack_markdown(report):
+    """The AutoAttack section of honest.md: per row and eps, robust accuracy (%) after each component
+    (rand: mean / worst draw), the points it removed and its seconds; the cascade's flags."""
+    rows = {r: v["autoattack"] for r, v in report["rows"].items() if v.get("autoattack")}
+    if not rows:
+        return []
+    lines = ["", "## AutoAttack, per row and eps", "",
+             "Each cell: robust accuracy (%) after the attack (rand: mean / worst of the scoring draws), "
+             "points it removed, seconds. robust: after the cascade (rand: also right in every draw, the "
+             "figure the worst case counts).", ""]
+    for row, aa in rows.items():
+        per = aa["per_eps"]
+        names = [a["name"] for a in per[0]["attacks"]] if per else []
+        lines += [f"### {row}: AutoAttack-{aa['version']}", "",
+                  "| eps | clean | " + " | ".join(names) + " | robust | flags |", "|---" * (len(names) + 4) + "|"]
+
+        def acc(r):
+            return _pct1(r["mean"]) + ("" if aa["version"] != "rand" else f" / {_pct1(r['worst'])}")
+        for p in per:
+            cells = [f"{acc(a['robust'])} (−{a['removed']}, {a['seconds']:.1f} s)" for a in p["attacks"]]
+            lines.append(f"| {p['eps']:g} | {acc(p['clean'])} | " + " | ".join(cells)
+                         + f" | {acc(p['robust'])}"
+                         + ("" if aa["version"] != "rand" else f"; every draw {_pct1(p['robust']['all_draws'])}")
+                         + " | " + ("; ".join(p["flags"]) or "ok") + " |")
+        lines.append("")
+    return lines
 
 
 def write_honest(report, out):

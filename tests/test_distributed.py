@@ -159,6 +159,22 @@ def test_torchrun_evaluation_equals_one_process(smoke):
     assert two.stdout.count("clean_accuracy") == 1  # rank 0 alone prints
 
 
+def test_torchrun_autoattack_pieces_shared_out_equal_one_process(smoke, tmp_path):
+    """evaluate --attacks autoattack under torchrun: the AutoAttack pieces (one per eps) are shared out
+    over the ranks, rank 0 caches every one, and the deterministic row equals the one-process run."""
+    ck = smoke[1][0] / "checkpoints" / "baseline.pt"
+    args = ["evaluate", "--checkpoint", f"baseline={ck}", "--preset", "check", "--n-test", "20", "--eps",
+            "0,0.02,0.05,0.1", "--pgd-steps", "2", "--attacks", "autoattack", "--attack-opt", "autoattack.steps=3",
+            "--attack-opt", "autoattack.queries=20", "--quiet"]
+    ok(fastmask(*args, "--out", tmp_path / "p2", procs=2))
+    ok(fastmask(*args, "--out", tmp_path / "p1"))
+    assert len(list((tmp_path / "p2" / "honest_cache").glob("baseline.autoattack_*.pt"))) == 3
+    two, one = (json.loads((tmp_path / p / "honest.json").read_text())["rows"]["baseline"] for p in ("p2", "p1"))
+    assert two["robustness"]["accuracy"]["autoattack"] == one["robustness"]["accuracy"]["autoattack"]
+    assert two["robustness"]["robust_accuracy"] == one["robustness"]["robust_accuracy"]
+    assert [p["robust"] for p in two["autoattack"]["per_eps"]] == [p["robust"] for p in one["autoattack"]["per_eps"]]
+
+
 def test_torchrun_failing_rank_stops_the_job(tmp_path):
     """Rank 0 cannot write its checkpoint (under /proc): it names itself and the job ends, non-zero."""
     t0 = time.perf_counter()

@@ -45,8 +45,11 @@ def test_reproduce_honest_writes_every_file(honest_run):
     assert rep["eps"] == [0.0, 0.1, 0.3, 1.0] and rep["surrogate"] is True
     for row, r in rep["rows"].items():
         acc = r["robustness"]["accuracy"]
-        want = {"fgsm", "pgd", "pgd_restarts", "transfer"} | ({"eot", "frozen"} if "[test mask]" in row else set())
-        assert set(acc) == want, row
+        want = {"fgsm", "pgd", "pgd_restarts", "transfer", "autoattack"} | ({"eot", "frozen"} if "[test mask]" in row
+                                                                             else set())
+        assert set(acc) == want, row  # reproduce --honest runs AutoAttack by default: rand where masked at test time
+        assert r["autoattack"]["version"] == ("rand" if "[test mask]" in row else "standard"), row
+        assert [p["eps"] for p in r["autoattack"]["per_eps"]] == [0.1, 0.3, 1.0]
         robust = r["robustness"]["robust_accuracy"]
         for i in range(len(rep["eps"])):  # the worst case is at most every single attack
             assert robust[i] <= min(a[i] for a in acc.values()) + 1e-12
@@ -56,6 +59,7 @@ def test_reproduce_honest_writes_every_file(honest_run):
             assert len(r["vs_baseline"]) == 4 and all(0 <= c["p_value"] <= 1 for c in r["vs_baseline"])
     md = (out / "honest.md").read_text()
     assert "| random30 [test mask] |" in md and "sanity checks" in md and "McNemar" in md
+    assert "### random30 [test mask]: AutoAttack-rand" in md
 
 
 @needs_mnist

@@ -154,3 +154,23 @@ def test_autoattack_components_are_entries():
         attacks.make_attack("apgd", 0.05, loss="cw")
     with pytest.raises(ValueError, match="queries must be >= 1, got 0"):
         attacks.make_attack("square", 0.05, queries=0)
+
+
+def test_autoattack_entry_passes_every_setting(monkeypatch):
+    """make_attack("autoattack", eps, **settings): each setting reaches the cascade (the x_adv of a
+    small run often does not show a changed size: broken points stop early, robust ones stay x)."""
+    from fastmask import autoattack as AA
+    seen = {}
+
+    def spy(model, x, y, eps, **kw):
+        seen.update(kw, eps=eps)
+        return x, {}
+    monkeypatch.setattr(AA, "autoattack", spy)
+    x, y = torch.rand(2, 1, 28, 28), torch.tensor([0, 1])
+    attacks.make_attack("autoattack", 0.05, seed=4, version="rand", steps=3, queries=5, targets=2, draws=6,
+                        eot_samples=7)(None, x, y)
+    assert seen == dict(eps=0.05, version="rand", seed=4, batch_size=None, steps=3, queries=5, targets=2, draws=6,
+                        eot_samples=7)
+    with pytest.raises(ValueError, match="autoattack.draws must be >= 1, got 0"):
+        attacks.parse_options(["autoattack.draws=0"])
+    assert attacks.parse_options(["autoattack.draws=none"]) == {"autoattack": {"draws": None}}
