@@ -191,7 +191,8 @@ def run_tune(cfg, log=print):
     table = tune_markdown(results, best, cfg)
     write_text(out / "tune.md", table)
     log(table)
-    log(f"chosen: {best['label']} (scored with {cfg.attack_label()}); wrote {out / 'tuned.json'} (reproduce --rows baseline,tuned --tuned "
+    log(f"chosen: {best['label']} (scored with {cfg.attack_label()}); wrote {out / 'tuned.json'} "
+        f"(reproduce --rows baseline,tuned --tuned "
         f"{out / 'tuned.json'})")
     return chosen
 
