@@ -45,7 +45,7 @@ info = C.build_info()
 print(info)
 assert info["cuda"] and info["cuda_launchers"], "CUDA kernels / launchers missing"
 ops = ["mask_apply", "mask_apply_backward", "fgsm", "pgd_step", "pgd_step_", "random_start",
-       "grad_clip_noise_"]
+       "grad_clip_noise_", "learned_mask_apply", "learned_mask_apply_backward"]
 missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fastmask::{op}", "CUDA")]
 assert not missing, f"no CUDA kernel for {missing}"
 for op in ["philox", "mask_generate"]:  # tensor-less: dispatch on `device`, via the launchers
@@ -64,5 +64,6 @@ for arch in sm_80 sm_90; do
 done
 
 step "CPU test suite in the CUDA venv"
-"$PY" -m pytest -q -m "not slow" -p no:cacheprovider tests/test_ops.py tests/test_kernels_cpu.py tests/test_cuda.py
+"$PY" -m pytest -q -m "not slow" -p no:cacheprovider tests/test_ops.py tests/test_kernels_cpu.py tests/test_cuda.py \
+  tests/test_learned_mask.py
 step "done"

@@ -1,4 +1,4 @@
-// Autograd for mask_apply (and, for double backward, mask_apply_backward), as C++
+// Autograd for mask_apply (and, for double backward, mask_apply_backward) and learned_mask_apply,
 // autograd functions on the Autograd dispatch key, for every device (the torchvision
 // ops/autograd pattern). The mask is never stored: backward regenerates it from
 // (seed, offset) through mask_apply_backward, whose own backward (linear in grad) is
@@ -91,10 +91,39 @@ at::Tensor mask_apply_backward_autograd(const at::Tensor& g, double ratio, int64
   return MaskApplyBackwardFn::apply(g, ratio, seed, offset, mode, scope, channels);
 }
 
+// learned_mask_apply: y = x * sigmoid(logits). d/dx is the op itself applied to the incoming
+// gradient (differentiable again); d/dlogits is learned_mask_apply_backward (first order only).
+// Each is computed only when its input needs it (training: the logits; attacks: x).
+class LearnedMaskApplyFn : public torch::autograd::Function<LearnedMaskApplyFn> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& logits) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({x, logits});
+    return call_learned_mask_apply(x, logits);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list g) {
+    const variable_list saved = ctx->get_saved_variables();
+    at::Tensor gx, gl;
+    if (ctx->needs_input_grad(0)) gx = call_learned_mask_apply(g[0], saved[1]);
+    if (ctx->needs_input_grad(1)) {
+      TORCH_CHECK(!at::GradMode::is_enabled(), "learned_mask_apply: the logits' gradient has no "
+                  "derivative (double backward through the logits is not implemented)");
+      gl = call_learned_mask_apply_backward(g[0], saved[0], saved[1]);
+    }
+    return {gx, gl};
+  }
+};
+
+at::Tensor learned_mask_apply_autograd(const at::Tensor& x, const at::Tensor& logits) {
+  return LearnedMaskApplyFn::apply(x, logits);
+}
+
 }  // namespace
 }  // namespace fastmask
 
 TORCH_LIBRARY_IMPL(fastmask, Autograd, m) {
   m.impl("mask_apply", &fastmask::mask_apply_autograd);
   m.impl("mask_apply_backward", &fastmask::mask_apply_backward_autograd);
+  m.impl("learned_mask_apply", &fastmask::learned_mask_apply_autograd);
 }

@@ -45,4 +45,16 @@ inline at::Tensor call_random_start(const at::Tensor& x, double eps, int64_t see
   return op.call(x, eps, seed, offset, norm, lo, hi);
 }
 
+inline at::Tensor call_learned_mask_apply(const at::Tensor& x, const at::Tensor& logits) {
+  static const auto op = typed_op<at::Tensor(const at::Tensor&, const at::Tensor&)>("fastmask::learned_mask_apply");
+  return op.call(x, logits);
+}
+
+inline at::Tensor call_learned_mask_apply_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                   const at::Tensor& logits) {
+  static const auto op = typed_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
+      "fastmask::learned_mask_apply_backward");
+  return op.call(grad, x, logits);
+}
+
 }  // namespace fastmask

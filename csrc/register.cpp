@@ -128,6 +128,8 @@ TORCH_LIBRARY(fastmask, m) {
   m.def("fgsm_out(Tensor x, Tensor grad, float eps, float lo, float hi, Tensor(a!) out) -> ()");
   m.def("random_start_out(Tensor x, float eps, int seed, int offset, str norm, float lo, "
         "float hi, Tensor(a!) out) -> ()");
+  m.def("learned_mask_apply(Tensor x, Tensor logits) -> Tensor");
+  m.def("learned_mask_apply_backward(Tensor grad, Tensor x, Tensor logits) -> Tensor");
   m.def("grad_clip_noise_(Tensor(a!)[] grads, float? max_norm, float noise_std, int seed, "
         "int offset, float? clip_value, float? smoothing, Tensor(b!)[] state) -> Tensor");
 }

@@ -7,7 +7,8 @@
                       [--surrogate PATH] [--preset check|standard|thorough] [--attacks pgd|autoattack]
                       [--attack-opt NAME.KEY=VALUE ...] --out DIR   (honest evaluation)
     fastmask reproduce --honest [--seeds N]   (Table I over seeds + honest evaluation)
-    fastmask tune [--ratios 0.1,0.3 --patterns random,fixed --modes pixel,block,blur --variability 0,2] --out DIR
+    fastmask tune [--ratios 0.1,0.3 --patterns random,fixed --modes pixel,block,blur --variability 0,2]
+                  [--attack pgd|apgd|autoattack|... --attack-opt NAME.KEY=VALUE] --out DIR
     fastmask reproduce --rows baseline,tuned --tuned DIR/tuned.json
 
 Two preset families, two sets of names: `reproduce --preset` sizes the training
@@ -130,6 +131,7 @@ def folder_arg(path):
 
 
 def build_parser():
+    from .attacks import ATTACKS as A_NAMES
     from .honest import ATTACK_PRESETS, PRESET_ALIASES
     from .honest_autoattack import SUITES
     from .pipeline import DEFAULT_ROWS, ROW_GROUPS, ROWS, TRAIN_PRESETS
@@ -252,9 +254,14 @@ def build_parser():
     u.add_argument("--variability", type=_list(nonneg_int), default=(0,),
                    help="comma-separated k: 0 = a fresh mask per image and step, k >= 1 = one mask redrawn "
                    "every k epochs (default 0)")
-    u.add_argument("--eps", type=positive_float, default=0.1, help="eps of the validation PGD (default 0.1)")
-    u.add_argument("--n-robust", type=positive_int, default=500, help="validation images under PGD (default 500)")
-    u.add_argument("--pgd-steps", type=positive_int, default=10)
+    u.add_argument("--eps", type=positive_float, default=0.1, help="eps of the validation attack (default 0.1)")
+    u.add_argument("--n-robust", type=positive_int, default=500,
+                   help="validation images under the attack (default 500)")
+    u.add_argument("--attack", choices=A_NAMES, default="pgd",
+                   help="the attack of the robust accuracy (default pgd: PGD-10; the attacks: docs/evaluation.md)")
+    u.add_argument("--attack-opt", action="append", metavar="NAME.KEY=VALUE", default=[],
+                   help="a setting of the --attack attack (repeatable), e.g. apgd.steps=20")
+    u.add_argument("--pgd-steps", type=positive_int, help="--attack-opt pgd.steps=N (default 10)")
 
     a = sub.add_parser("attack", help="evaluate a checkpoint under FGSM and PGD")
     a.add_argument("--checkpoint", required=True)
@@ -308,15 +315,23 @@ def cmd_reproduce(args):
 
 
 def cmd_tune(args):
+    from . import attacks as A
     from .tune import TuneConfig, run_tune
     folder_arg(Path(args.out))
     variability = tuple(None if k == 0 else k for k in args.variability)
     if len(set(variability)) < len(variability):
         raise CliError(f"fastmask tune: argument --variability: {list(args.variability)} repeats a value")
+    opts = A.parse_options(args.attack_opt)
+    if args.pgd_steps is not None:
+        opts.setdefault("pgd", {})["steps"] = args.pgd_steps
+    other = sorted(set(opts) - {args.attack})
+    if other:
+        raise CliError(f"fastmask tune: argument --attack-opt: sets attack {other[0]!r}, but --attack is "
+                       f"{args.attack!r}")
     run_tune(TuneConfig(out=args.out, model=args.model, dataset=args.dataset, preset=args.preset, seed=args.seed,
                         data_dir=args.data_dir, ratios=args.ratios, patterns=args.patterns, modes=args.modes,
-                        variability=variability, eps=args.eps, n_robust=args.n_robust, pgd_steps=args.pgd_steps,
-                        threads=args.threads, quiet=args.quiet))
+                        variability=variability, eps=args.eps, n_robust=args.n_robust, attack=args.attack,
+                        attack_opts=opts.get(args.attack), threads=args.threads, quiet=args.quiet))
 
 
 def cmd_evaluate(args):

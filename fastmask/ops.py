@@ -9,7 +9,9 @@ When the extension is loaded this module also registers fake kernels for every o
 (torch.compile, torch.library.opcheck). The autograd of mask_apply is C++
 (csrc/autograd.cpp): its backward regenerates the mask from (seed, offset) with
 mask_apply_backward; nothing is stored. In fallback mode the reference is plain
-torch, so autograd and torch.compile work natively.
+torch, so autograd and torch.compile work natively (learned_mask_apply's backward
+there is the reference's, in a small autograd.Function, so both paths compute the
+same gradient).
 
 Seeds and offsets are integers in [0, 2^64). `mask_apply` also takes the offset as
 a 0-d integer tensor (e.g. a counter buffer, see fastmask.nn.FeatureMask): the
@@ -31,7 +33,7 @@ from fastmask import reference
 
 __all__ = [
     "philox", "mask_apply", "mask_generate", "fgsm", "pgd_step", "pgd_step_",
-    "random_start", "grad_clip_noise_", "extension_loaded", "build_info",
+    "random_start", "grad_clip_noise_", "learned_mask_apply", "extension_loaded", "build_info",
     "MODES", "SCOPES", "CHANNELS", "NORMS",
 ]
 
@@ -370,6 +372,49 @@ def grad_clip_noise_(grads: Sequence[Tensor], max_norm: Optional[float] = None,
                                           smoothing, state)
 
 
+class _LearnedMaskReference(torch.autograd.Function):
+    """The fallback's autograd: the reference's backward, the same math as the C++ one."""
+
+    @staticmethod
+    def forward(ctx, x, logits):
+        ctx.save_for_backward(x, logits)
+        return reference.learned_mask_apply(x, logits)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, logits = ctx.saved_tensors
+        gx = reference.learned_mask_apply(g, logits) if ctx.needs_input_grad[0] else None
+        gl = reference.learned_mask_apply_backward(g, x, logits) if ctx.needs_input_grad[1] else None
+        return gx, gl
+
+
+def learned_mask_apply(x: Tensor, logits: Tensor) -> Tensor:
+    """The learned soft mask: y[n] = x[n] * sigmoid(logits), one fused op forward and backward.
+
+    Args:
+        x: Tensor[N, ...] (any sample shape F).
+        logits: Tensor[F], x's dtype and device.
+    Returns:
+        Tensor[N, ...] like x. Differentiable w.r.t. x (grad * sigmoid(logits)) and logits
+        (the batch sum of grad * x, accumulated in float64, times s (1 - s)); docs/ops.md.
+    """
+    _float_tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError("x must have a batch dimension (dim >= 1), got a 0-d tensor")
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.shape != x.shape[1:]:
+        raise ValueError(f"logits must have the shape of one sample of x {tuple(x.shape[1:])}, "
+                         f"got {tuple(logits.shape)}")
+    if logits.dtype != x.dtype:
+        raise ValueError(f"logits must have the dtype of x ({x.dtype}), got {logits.dtype}")
+    if logits.device != x.device:
+        raise ValueError(f"logits must be on the device of x ({x.device}), got {logits.device}")
+    if _use_ext:
+        return torch.ops.fastmask.learned_mask_apply(x, logits)
+    return _LearnedMaskReference.apply(x, logits)
+
+
 # ----------------------------------------------------------------- offset-as-tensor op
 # mask_apply with the offset in a 0-d tensor: torch.compile sees one opaque op whose
 # inputs do not change between calls, so a counter buffer costs no recompilation.
@@ -479,6 +524,14 @@ def _register_extension_kernels() -> None:
     def _(x, eps, seed, offset, norm, lo, hi, out):
         return None
 
+    @fake("learned_mask_apply")
+    def _(x, logits):
+        return x.new_empty(x.shape)
+
+    @fake("learned_mask_apply_backward")
+    def _(grad, x, logits):
+        return logits.new_empty(logits.shape)
+
     @fake("grad_clip_noise_")
     def _(grads, max_norm, noise_std, seed, offset, clip_value, smoothing, state):
         if len(grads) == 0:
@@ -486,7 +539,7 @@ def _register_extension_kernels() -> None:
         dtype = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
         return grads[0].new_empty((), dtype=dtype)
 
-    # Autograd of mask_apply / mask_apply_backward is C++ (csrc/autograd.cpp).
+    # Autograd of mask_apply / mask_apply_backward / learned_mask_apply is C++ (csrc/autograd.cpp).
 
 
 if _ext_available:

@@ -320,6 +320,26 @@ def random_start(x, eps, seed, offset, norm="inf", lo=0.0, hi=1.0) -> torch.Tens
     return _clamp(y, s(lo), s(hi)).to(x.dtype)
 
 
+# ----------------------------------------------------------------------------- learned mask
+
+def learned_mask_apply(x, logits) -> torch.Tensor:
+    """y[n] = x[n] * sigmoid(logits): x is N x F..., logits F... (x's dtype); the product in opmath."""
+    op = opmath_dtype(x.dtype)
+    return (x.to(op) * torch.sigmoid(logits).to(op)).to(x.dtype)
+
+
+def learned_mask_apply_backward(grad, x, logits) -> torch.Tensor:
+    """The logits' gradient of learned_mask_apply: (gsum * (1 - s)) * s in opmath, s = sigmoid(logits),
+    gsum = sum over the batch of grad * x, in float64, added in batch order (cumsum is sequential)."""
+    op = opmath_dtype(x.dtype)
+    s = torch.sigmoid(logits).to(op)
+    if x.shape[0] == 0:
+        gsum = torch.zeros(logits.shape, dtype=torch.float64, device=x.device)
+    else:
+        gsum = (grad.to(torch.float64) * x.to(torch.float64)).cumsum(0)[-1]
+    return ((gsum.to(op) * (1 - s)) * s).to(x.dtype)
+
+
 # ----------------------------------------------------------------------------- gradients
 
 def grad_clip_noise_(grads, max_norm=None, noise_std=0.0, seed=0, offset=0,

@@ -191,7 +191,7 @@ def test_tune_scores_on_validation_only_resumes_and_feeds_reproduce(tmp_path, mo
     monkeypatch.setattr(tune.D, "load", lambda *a, **k: dataclasses.replace(
         load(*a, **k), x_test=Untouchable(), y_test=Untouchable()))
     cfg = tune.TuneConfig(out=str(tmp_path / "t"), preset="smoke", ratios=(0.1, 0.5), patterns=("random", "fixed"),
-                          modes=("pixel",), variability=(None, 2), n_robust=40, pgd_steps=3, quiet=True)
+                          modes=("pixel",), variability=(None, 2), n_robust=40, attack_opts={"steps": 3}, quiet=True)
     assert len(cfg.points()) == 6  # fixed points have no variability: 2 x (2 + 1)
     chosen = tune.run_tune(cfg)
     js = json.loads((tmp_path / "t" / "tune.json").read_text())
@@ -237,4 +237,85 @@ def test_tune_bad_grid(kw, needle):
                                          (("reproduce", "--rows", "baseline,tuned"), "'tuned' needs")])
 def test_cli_bad_input_is_one_line(args, needle, tmp_path):
     r = fastmask(*args, "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+# ---------------------------------------------------------------- the attack that scores the tuning
+def _tiny_tune(tmp_path, **kw):
+    from idx_data import write_idx
+    from fastmask.tune import TuneConfig
+    folder = tmp_path / "idx"
+    if not folder.is_dir():
+        write_idx(folder)
+    return TuneConfig(**{"out": str(tmp_path / "t"), "data_dir": str(folder), "preset": "smoke", "ratios": (0.3,),
+                         "patterns": ("random",), "n_robust": 8, "quiet": True, **kw})
+
+
+def test_tune_scores_with_the_named_attack_and_its_settings(tmp_path, monkeypatch):
+    from fastmask import attacks as A, tune
+    calls = []
+
+    def spy(model, x, y, eps, *, steps, seed=0):  # FGSM, recording what the tuning handed it
+        x_adv = A.fgsm(model, x, y, eps)
+        calls.append({"model": model, "x": x, "eps": eps, "steps": steps, "seed": seed, "x_adv": x_adv})
+        return x_adv
+    monkeypatch.setitem(A.REGISTRY, "spy", A.Attack("spy", spy, {"steps": A.STEPS}))
+    monkeypatch.setattr(A, "ATTACKS", A.ATTACKS + ("spy",))
+    cfg = _tiny_tune(tmp_path, attack="spy", attack_opts={"steps": 2}, eps=0.2, seed=1)
+    chosen = tune.run_tune(cfg)
+    (c,) = calls
+    assert (c["eps"], c["steps"], c["seed"]) == (0.2, 2, 1)
+    data = D.load("mnist", cfg.data_dir, split_seed=1).take(train=300, val=100)
+    assert torch.equal(c["x"], D.to_float(data.x_val[:8]))  # the validation split's first n_robust
+    with torch.no_grad():
+        robust = (c["model"](c["x_adv"]).argmax(1) == data.y_val[:8]).float().mean().item()
+    (point,) = json.loads((tmp_path / "t" / "tune.json").read_text())["points"]
+    assert point["val_robust_acc"] == pytest.approx(robust)
+    assert chosen["attack"] == {"name": "spy", "eps": 0.2, "settings": {"steps": 2}}
+    assert "spy(steps=2) at eps 0.2" in (tmp_path / "t" / "tune.md").read_text()
+    # resumed with the same attack: nothing scored again; with another attack or setting: refused
+    assert tune.run_tune(cfg) == chosen and len(calls) == 1
+    with pytest.raises(ValueError, match="scored with attack='spy'; this run has attack='fgsm'"):
+        tune.run_tune(_tiny_tune(tmp_path, attack="fgsm", eps=0.2, seed=1))
+    with pytest.raises(ValueError, match="attack_settings=\\{'steps': 2\\}; this run has attack_settings"):
+        tune.run_tune(_tiny_tune(tmp_path, attack="spy", attack_opts={"steps": 3}, eps=0.2, seed=1))
+    assert len(calls) == 1
+
+
+def test_tune_default_attack_is_pgd10():
+    from fastmask.tune import TuneConfig
+    cfg = TuneConfig()
+    assert cfg.attack == "pgd" and cfg.attack_settings() == {"steps": 10, "alpha": None, "restarts": 1,
+                                                             "random_start": True}
+    assert TuneConfig(attack_opts={"steps": 3}).attack_settings()["steps"] == 3
+
+
+@pytest.mark.parametrize("kw,needle", [({"attack": "transfer"}, "attack='transfer' must be one of"),
+                                       ({"attack": "apgd", "attack_opts": {"step": 2}}, "no setting 'step'"),
+                                       ({"attack_opts": {"steps": 0}}, "pgd.steps")])
+def test_tune_bad_attack(kw, needle):
+    from fastmask.tune import TuneConfig
+    with pytest.raises(ValueError, match=needle):
+        TuneConfig(**kw)
+
+
+def test_cli_tune_attack_recorded_and_printed(tmp_path):
+    from idx_data import write_idx
+    write_idx(tmp_path / "idx")
+    r = fastmask("tune", "--data-dir", str(tmp_path / "idx"), "--preset", "smoke", "--ratios", "0.3",
+                 "--patterns", "random", "--n-robust", "8", "--attack", "apgd", "--attack-opt", "apgd.steps=2",
+                 "--out", str(tmp_path / "t"))
+    assert r.returncode == 0, r.stderr
+    assert "apgd(steps=2, restarts=1, rho=0.75, loss=ce) at eps 0.1" in r.stdout
+    chosen = json.loads((tmp_path / "t" / "tuned.json").read_text())
+    assert chosen["attack"] == {"name": "apgd", "eps": 0.1, "settings": {"steps": 2, "restarts": 1, "rho": 0.75,
+                                                                         "loss": "ce"}}
+
+
+@pytest.mark.parametrize("args,needle", [(("--attack", "nosuch"), "invalid choice: 'nosuch'"),
+                                         (("--attack-opt", "apgd.steps=2"), "sets attack 'apgd', but --attack is 'pgd'"),
+                                         (("--attack", "apgd", "--pgd-steps", "3"), "sets attack 'pgd'"),
+                                         (("--attack-opt", "pgd.steps=0"), "pgd.steps")])
+def test_cli_tune_bad_attack_is_one_line(args, needle, tmp_path):
+    r = fastmask("tune", *args, "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

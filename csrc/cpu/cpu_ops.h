@@ -42,6 +42,9 @@ void fgsm_out(const at::Tensor& x, const at::Tensor& grad, double eps, double lo
               const at::Tensor& out);
 void random_start_out(const at::Tensor& x, double eps, int64_t seed, int64_t offset,
                       std::string_view norm, double lo, double hi, const at::Tensor& out);
+at::Tensor learned_mask_apply(const at::Tensor& x, const at::Tensor& logits);
+at::Tensor learned_mask_apply_backward(const at::Tensor& grad, const at::Tensor& x,
+                                       const at::Tensor& logits);
 at::Tensor grad_clip_noise_(at::TensorList grads, std::optional<double> max_norm,
                             double noise_std, int64_t seed, int64_t offset,
                             std::optional<double> clip_value, std::optional<double> smoothing,

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "fastmask/elementwise.h"
+#include "fastmask/learned_mask.h"
 #include "fastmask/mask.h"
 #include "fastmask/philox.h"
 
@@ -94,6 +95,14 @@ void mask_blur_plane_f32(const float* p, const uint32_t* left, const uint32_t* r
 
 void box_muller_words_f32(const uint32_t* words, int64_t n, float* out) {
   FASTMASK_PICK(box_muller_words_f32, words, n, out)
+}
+
+void learned_mask_row_f32(const float* x, const float* s, float* y, int64_t n) {
+  FASTMASK_PICK(learned_mask_row_f32, x, s, y, n)
+}
+
+void learned_mask_accum_f32(const float* g, const float* x, double* acc, int64_t n) {
+  FASTMASK_PICK(learned_mask_accum_f32, g, x, acc, n)
 }
 
 #undef FASTMASK_PICK

@@ -33,6 +33,9 @@ void mask_pixel_f32(const float* x, const uint32_t* w, float* y, int64_t n, uint
 // has a left / right neighbour, else 0; cnt[k] = blur_count of pixel k. y must not overlap p.
 void mask_blur_plane_f32(const float* p, const uint32_t* left, const uint32_t* right, const float* cnt,
                          const uint32_t* w, float* y, int64_t n, int64_t W, uint32_t threshold);
+// learned mask: y[k] = x[k] * s[k]; acc[k] += (double)g[k] * (double)x[k] (fastmask/learned_mask.h).
+void learned_mask_row_f32(const float* x, const float* s, float* y, int64_t n);
+void learned_mask_accum_f32(const float* g, const float* x, double* acc, int64_t n);
 // out[j] = box_muller_f32(words[2j], words[2j + 1]), 0 <= j < n.
 void box_muller_words_f32(const uint32_t* words, int64_t n, float* out);
 

@@ -144,6 +144,18 @@ inline bool check_random_start_args(const at::Tensor& x, double eps, std::string
   return l2;
 }
 
+// learned_mask_apply: x is N x F... (any F, dim >= 1), logits has the shape F of one sample and
+// x's dtype and device; grad (the backward's) is like x.
+inline void check_learned_mask_args(const at::Tensor& x, const at::Tensor& logits) {
+  check_floating(x, "x");
+  TORCH_CHECK_VALUE(x.dim() >= 1, "x must have a batch dimension (dim >= 1), got a 0-d tensor");
+  check_like(x, "x", logits, "logits", /*same_shape=*/false);
+  TORCH_CHECK_VALUE(logits.sizes() == x.sizes().slice(1), "logits must have the shape of one sample of x ",
+                    x.sizes().slice(1), ", got ", logits.sizes());
+  TORCH_CHECK_TYPE(logits.scalar_type() == x.scalar_type(), "logits must have the dtype of x (",
+                   x.scalar_type(), "), got ", logits.scalar_type());
+}
+
 inline void check_grad_clip_noise_args(at::TensorList grads, std::optional<double> max_norm,
                                        double noise_std, std::optional<double> clip_value,
                                        std::optional<double> smoothing, at::TensorList state) {

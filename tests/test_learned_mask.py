@@ -1,0 +1,141 @@
+"""learned_mask_apply (the learned soft mask x * sigmoid(logits), fused): the kernel against the
+reference bit for bit (forward and both gradients, ragged shapes, every dtype, 1 and 2 threads),
+the reference against plain autograd, gradcheck, opcheck and the argument checks. (Not wired into
+fastmask.nn.LearnedMask: it did not make the training step cheaper, benchmarks/RESULTS.md.)"""
+import pytest
+import torch
+
+from fastmask import ops, reference
+
+needs_ext = pytest.mark.skipif(not ops._ext_available, reason="fastmask._C is not built")
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# (x shape): 28x28 MNIST batches, ragged sample shapes, more features than one 256-feature block
+# with a ragged last block, one feature, an empty batch
+SHAPES = ((128, 1, 28, 28), (3, 1, 5, 7), (2, 300), (7, 1), (5,), (0, 4), (4, 2, 3, 600))
+
+
+def sample(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(shape, generator=g, dtype=torch.float64).to(dtype)
+    logits = (4 * torch.randn(shape[1:], generator=g, dtype=torch.float64)).to(dtype)
+    grad = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    return x, logits, grad
+
+
+def run(x, logits, grad):
+    """(y, d/dx, d/dlogits) through ops.learned_mask_apply and autograd."""
+    x, logits = x.clone().requires_grad_(), logits.clone().requires_grad_()
+    y = ops.learned_mask_apply(x, logits)
+    y.backward(grad)
+    return y.detach(), x.grad, logits.grad
+
+
+def expected(x, logits, grad):
+    return (reference.learned_mask_apply(x, logits), reference.learned_mask_apply(grad, logits),
+            reference.learned_mask_apply_backward(grad, x, logits))
+
+
+@pytest.mark.parametrize("threads", (1, 2))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_the_reference_bit_for_bit(backend, shape, dtype, threads):
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = run(*sample(shape, dtype))
+    finally:
+        torch.set_num_threads(old)
+    for name, a, b in zip(("y", "x grad", "logits grad"), got, expected(*sample(shape, dtype))):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.equal(a, b), f"{name}: {(a.double() - b.double()).abs().max()}"
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_reference_is_the_math(shape):
+    """y = x * sigmoid(l); d/dx = grad * sigmoid(l); d/dl = sum_n grad * x * s (1 - s): plain autograd, float64."""
+    x, logits, grad = sample(shape, torch.float64)
+    xr, lr = x.clone().requires_grad_(), logits.clone().requires_grad_()
+    y = xr * torch.sigmoid(lr)
+    y.backward(grad)
+    got = expected(x, logits, grad)
+    torch.testing.assert_close(got[0], y.detach(), rtol=1e-15, atol=0)
+    torch.testing.assert_close(got[1], xr.grad, rtol=1e-15, atol=0)
+    torch.testing.assert_close(got[2], lr.grad, rtol=1e-12, atol=1e-300)
+
+
+def test_gradcheck(backend):
+    x, logits, _ = sample((3, 2, 5), torch.float64)
+    assert torch.autograd.gradcheck(ops.learned_mask_apply, (x.requires_grad_(), logits.requires_grad_()))
+
+
+def test_only_the_needed_gradient(backend):
+    x, logits, grad = sample((4, 6), torch.float32)
+    lg = logits.clone().requires_grad_()
+    ops.learned_mask_apply(x, lg).backward(grad)  # training: x needs no gradient
+    assert torch.equal(lg.grad, reference.learned_mask_apply_backward(grad, x, logits))
+    xg = x.clone().requires_grad_()
+    (gx,) = torch.autograd.grad(ops.learned_mask_apply(xg, logits), xg, grad)  # an attack: logits frozen
+    assert torch.equal(gx, reference.learned_mask_apply(grad, logits))
+
+
+@needs_ext
+def test_double_backward_through_the_logits_is_refused():
+    x, logits, grad = sample((2, 3), torch.float64)
+    lg = logits.clone().requires_grad_()
+    y = ops.learned_mask_apply(x, lg)
+    with pytest.raises(RuntimeError, match="double backward through the logits is not implemented"):
+        torch.autograd.grad(y, lg, grad, create_graph=True)
+
+
+@needs_ext
+def test_opcheck():
+    fm = torch.ops.fastmask
+    for shape in ((3, 1, 5, 7), (2, 300), (0, 4)):
+        x, logits, grad = sample(shape, torch.float64)
+        torch.library.opcheck(fm.learned_mask_apply.default, (x.requires_grad_(), logits.requires_grad_()))
+        torch.library.opcheck(fm.learned_mask_apply.default, (x.detach(), logits.detach().requires_grad_()))
+        torch.library.opcheck(fm.learned_mask_apply_backward.default, (grad, x.detach(), logits.detach()))
+
+
+X = torch.rand(4, 1, 5, 5)
+BAD = [
+    (lambda: ops.learned_mask_apply(X, torch.zeros(5, 5)), ValueError, "logits must have the shape of one sample"),
+    (lambda: ops.learned_mask_apply(X, torch.zeros(1, 5, 5, dtype=torch.float64)), ValueError,
+     "logits must have the dtype of x"),
+    (lambda: ops.learned_mask_apply(X, torch.zeros(1, 5, 5, device="meta")), ValueError, "logits must be on the device"),
+    (lambda: ops.learned_mask_apply(X, [0.0]), TypeError, "logits must be a torch.Tensor"),
+    (lambda: ops.learned_mask_apply(X.long(), torch.zeros(1, 5, 5)), TypeError, "x must have a floating dtype"),
+    (lambda: ops.learned_mask_apply(torch.tensor(1.0), torch.tensor(1.0)), ValueError, "x must have a batch dimension"),
+]
+
+
+@pytest.mark.parametrize("call,exc,needle", BAD, ids=[b[2] for b in BAD])
+def test_bad_arguments(backend, call, exc, needle):
+    with pytest.raises(exc, match=needle):
+        call()
+
+
+@needs_ext
+def test_the_kernels_check_their_arguments_too():
+    fm = torch.ops.fastmask
+    with pytest.raises(ValueError, match=r"logits must have the shape of one sample of x \[1, 5, 5\], got \[5, 5\]"):
+        fm.learned_mask_apply(X, torch.zeros(5, 5))
+    with pytest.raises(TypeError, match="logits must have the dtype of x"):
+        fm.learned_mask_apply(X, torch.zeros(1, 5, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="grad must have the shape of x"):
+        fm.learned_mask_apply_backward(X[:2], X, torch.zeros(1, 5, 5))
+
+
+@pytest.mark.skipif(not (ops._ext_available and torch.cuda.is_available() and ops.build_info().get("cuda")),
+                    reason="needs the CUDA kernels and a GPU")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_cuda_matches_the_reference(shape, dtype):
+    """On CUDA: y and d/dx bit for bit (the device's own sigmoid in both); d/dlogits close (the
+    reference's CUDA cumsum is a parallel scan, the kernel adds in batch order)."""
+    args = [t.cuda() for t in sample(shape, dtype)]
+    got, want = run(*args), expected(*args)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[2], want[2])
+    torch.library.opcheck(torch.ops.fastmask.learned_mask_apply.default,
+                          (args[0].requires_grad_(), args[1].requires_grad_()))
