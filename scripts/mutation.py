@@ -32,7 +32,7 @@ MODULES = {
     "reference": ["tests/test_ops.py", "tests/test_kernels_cpu.py", "tests/test_op_rules.py"],
     "attacks": ["tests/test_attacks.py", "tests/test_attack_rules.py", "tests/test_registry.py"],
     "evaluate": ["tests/test_evaluate.py", "tests/test_evaluate_rules.py", "tests/test_attack_rules.py",
-                 "tests/test_registry.py"],
+                 "tests/test_registry.py", "tests/test_train.py::test_metrics_by_hand"],
 }
 # tests left out of a module's selection: the comparisons with torchattacks / ART (seconds
 # of import each, per mutant) pin the attack arithmetic, which the other tests pin too
