@@ -532,21 +532,41 @@ def test_defaults_are_the_registry_defaults():
                                                                                   masks="frozen"))
 
 
-def test_transfer_pgd_is_pgd_on_the_surrogate():
-    """transfer_pgd crafts PGD on the surrogate with every setting passed on (and its defaults are
-    pgd's); make_attack("transfer") is it, and refuses to run without a surrogate."""
-    model, x, y = _tiny_masked()
+def test_transfer_pgd_is_pgd_on_the_surrogate(trained):
+    """transfer_pgd crafts PGD on the surrogate with every setting passed on (its defaults are
+    pgd's); make_attack("transfer") is it, and refuses to run without a surrogate. (The trained
+    MLP's ambiguous points: there the start, the steps and the restarts change the result.)"""
+    surrogate, x, y = trained
+    x, y = x[:40], y[:40]
     torch.manual_seed(1)
-    surrogate = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(D, C)).eval()
     assert torch.equal(attacks.transfer_pgd(model, x, y, 0.1, surrogate=surrogate), attacks.pgd(surrogate, x, y, 0.1))
     assert not torch.equal(attacks.pgd(surrogate, x, y, 0.1), attacks.pgd(model, x, y, 0.1))
-    for kw in (dict(steps=3, alpha=0.03, random_start=False, lo=0.1, hi=0.9, batch_size=3),
-               dict(steps=2, seed=5, restarts=3, lo=0.2, hi=0.8, batch_size=5)):
+    assert not torch.equal(attacks.pgd(surrogate, x, y, 0.1), attacks.pgd(surrogate, x, y, 0.1, seed=1))
+    assert not torch.equal(attacks.pgd(surrogate, x, y, 0.1), attacks.pgd(surrogate, x, y, 0.1, steps=41))
+    for kw in (dict(steps=3, alpha=0.03, random_start=False, lo=0.1, hi=0.9),
+               dict(steps=2, seed=5, restarts=3, lo=0.2, hi=0.8, batch_size=7)):
         want = attacks.pgd(surrogate, x, y, 0.1, **kw)
         assert torch.equal(attacks.transfer_pgd(model, x, y, 0.1, surrogate=surrogate, **kw), want), kw
         assert torch.equal(attacks.make_attack("transfer", 0.1, surrogate=surrogate, **kw)(model, x, y), want), kw
+    one = dict(steps=2, seed=5, lo=0.2, hi=0.8)
+    assert not torch.equal(attacks.pgd(surrogate, x, y, 0.1, restarts=3, batch_size=7, **one),
+                           attacks.pgd(surrogate, x, y, 0.1, restarts=3, **one))
+    assert not torch.equal(attacks.pgd(surrogate, x, y, 0.1, restarts=3, batch_size=7, **one),
+                           attacks.pgd(surrogate, x, y, 0.1, batch_size=7, **one))
     with pytest.raises(ValueError, match=r"^attack 'transfer' needs surrogate=$"):
         attacks.make_attack("transfer", 0.1)
+    with pytest.raises(ValueError, match=r"^transfer needs a surrogate other than the attacked model$"):
+        attacks.transfer_pgd(model, x, y, 0.1, surrogate=model)
+
+
+def test_restarts_keep_the_first_on_a_tie(trained):
+    """Restarts of equal loss and equal broken state: the first is kept (an output that ignores
+    x gives every restart the same loss; with no gradient each stays at its random start)."""
+    _, x, y = trained
+    x, y = x[:10], y[:10]
+    got = attacks.pgd(_Constant(True), x, y, 0.1, steps=1, restarts=3, seed=5)
+    assert torch.equal(got, ops.random_start(x, 0.1, seed=5, offset=0))
 
 
 def test_feature_masks_of_the_modules_given():
