@@ -300,3 +300,15 @@ def test_macro_average_counts_a_class_seen_once():
     assert m["precision"] == pytest.approx((1 + 0) / 2) and m["recall"] == pytest.approx((2 / 3 + 0) / 2)
     m = E.classification_metrics(torch.tensor([0, 0, 0]), torch.tensor([0, 0, 1]), 3)
     assert m["precision"] == pytest.approx((2 / 3 + 0) / 2) and m["recall"] == pytest.approx((1 + 0) / 2)
+
+
+def test_default_batches_of_1000_set_the_random_draws():
+    """logits / predict / evaluate run 1000 samples per forward by default: with random masks the
+    draws of 1001 samples are those of a batch of 1000 and then one of 1 (the draws continue)."""
+    model, x, y = _masked_linear(1001)
+    with A.model_state(model, "random"):
+        want = torch.cat([E.logits(model, x[:1000], masks="random"), E.logits(model, x[1000:], masks="random")])
+    assert torch.equal(E.logits(model, x, masks="random"), want)
+    assert not torch.equal(E.logits(model, x, masks="random", batch_size=1001), want)
+    assert torch.equal(E.predict(model, x, masks="random"), want.argmax(1))
+    assert torch.equal(E.evaluate(model, x, y, masks="random")["correct"], want.argmax(1) == y)
