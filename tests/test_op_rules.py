@@ -148,3 +148,39 @@ def test_one_element_masks_its_gradient(backend, mode):
     y.backward(torch.ones_like(y))
     assert y.item() == (2.0 if mode == "blur" else -1.0)
     assert x.grad.item() == (1.0 if mode == "blur" else 0.0)
+
+
+def test_reference_defaults_are_the_documented_ones():
+    """fastmask.reference called with its defaults is the op with docs/ops.md's defaults (pixel,
+    per sample, fill 0, box [0, 1], L-inf): the fallback is usable on its own. Against the
+    extension's kernels where they are built; inputs near the box edges, so [0, 1] clamps."""
+    from fastmask import reference as R
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(3, 2, 5, 6, generator=g)
+    grad = torch.randn(3, 2, 5, 6, generator=g)
+    kw = dict(mode="pixel", scope="sample", channels="shared")
+    assert torch.equal(R.mask_generate(x.shape, 0.4, 7, 2), ops.mask_generate(x.shape, 0.4, seed=7, offset=2, **kw))
+    assert torch.equal(R.mask_apply(x, 0.4, 7, 2), ops.mask_apply(x, 0.4, seed=7, offset=2, fill=0.0, **kw))
+    keep = ops.mask_generate(x.shape, 0.4, seed=7, offset=2, **kw)
+    assert torch.equal(R.mask_apply_backward(grad, 0.4, 7, 2), torch.where(keep, grad, 0.0))
+    assert torch.equal(R.fgsm(x, grad, 0.3), ops.fgsm(x, grad, 0.3, 0.0, 1.0))
+    want = ops.pgd_step(x, x, grad, 0.3, 0.3, 0.0, 1.0, "inf")
+    assert torch.equal(R.pgd_step(x, x, grad, 0.3, 0.3), want)
+    xa = x.clone()
+    R.pgd_step_(xa, x, grad, 0.3, 0.3)
+    assert torch.equal(xa, want)
+    assert torch.equal(R.random_start(x, 0.3, 7, 2), ops.random_start(x, 0.3, seed=7, offset=2, norm="inf", lo=0.0,
+                                                                      hi=1.0))
+
+
+def test_empty_and_ratio_zero_masks_are_all_kept_bools():
+    """A shape with no element (H, W or C = 0) or ratio 0 gives an all-True bool mask of the shape."""
+    from fastmask import reference as R
+    for shape in ((2, 3, 4, 0), (2, 3, 0, 4), (2, 0, 4, 4), (0, 3, 4, 4)):
+        for channels in ("shared", "separate"):
+            for mode in ("pixel", "block"):
+                m = R.mask_generate(shape, 0.5, 1, 0, mode, "sample", channels)
+                assert m.dtype == torch.bool and m.shape == shape, (shape, channels, mode)
+    for mode in ("pixel", "block", "blur"):
+        m = R.mask_generate((2, 3, 4, 4), 0.0, 1, 0, mode, "sample", "shared")
+        assert m.dtype == torch.bool and bool(m.all())
