@@ -184,3 +184,44 @@ def test_empty_and_ratio_zero_masks_are_all_kept_bools():
     for mode in ("pixel", "block", "blur"):
         m = R.mask_generate((2, 3, 4, 4), 0.0, 1, 0, mode, "sample", "shared")
         assert m.dtype == torch.bool and bool(m.all())
+
+
+def test_reference_grad_clip_noise_rounds_once_from_opmath():
+    """The reference's gradient manipulation in the docs' order, computed in the opmath type
+    (float32 for float16, float64 for float64) and rounded once: against the same formula
+    written out (scale = min(1, max_norm / (norm + 1e-6)), clamp, beta state + (1 - beta) t),
+    bit for bit; its defaults add no noise, and noise follows (seed 0, offset 0)."""
+    from fastmask import reference as R
+    for dtype, op in ((torch.float16, torch.float32), (torch.float64, torch.float64)):
+        gen = torch.Generator().manual_seed(3)
+        grads = [torch.randn(40, generator=gen).to(dtype), torch.randn(3, 7, generator=gen).to(dtype)]
+        state = [torch.rand(40, generator=gen).to(dtype), torch.rand(3, 7, generator=gen).to(dtype)]
+        total = sum(g.to(torch.float64).pow(2).sum() for g in grads).sqrt()
+        scale = (0.5 / (total + 1e-6)).clamp_max(1.0).to(op)
+        want_g, want_s = [], []
+        for g, s in zip(grads, state):
+            t = (g.to(op) * scale).clamp(-0.05, 0.05)
+            t = torch.tensor(0.9, dtype=op) * s.to(op) + (1 - torch.tensor(0.9, dtype=op)) * t
+            want_g.append(t.to(dtype))
+            want_s.append(t.to(dtype))
+        gs, ss = [g.clone() for g in grads], [s.clone() for s in state]
+        norm = R.grad_clip_noise_(gs, 0.5, 0.0, 0, 0, 0.05, 0.9, ss)
+        assert norm.item() == total.to(torch.float64 if dtype == torch.float64 else torch.float32).item(), dtype
+        for got, want in zip(gs + ss, want_g + want_s):
+            assert torch.equal(got, want), dtype
+    g = [torch.randn(50, generator=torch.Generator().manual_seed(4))]
+    plain = [g[0].clone()]
+    R.grad_clip_noise_(plain)
+    assert torch.equal(plain[0], g[0])
+    noisy, want = [g[0].clone()], [g[0].clone()]
+    R.grad_clip_noise_(noisy, None, 0.1)
+    ops.grad_clip_noise_(want, None, 0.1, seed=0, offset=0)
+    torch.testing.assert_close(noisy[0], want[0])
+
+
+def test_philox_blocks_keeps_the_shape_of_its_blocks():
+    """philox_blocks(seed, offset, blocks) has shape blocks.shape + (4,), word j of block b last."""
+    from fastmask import reference as R
+    blocks = torch.arange(6, dtype=torch.int64).reshape(2, 3)
+    flat = R.philox_blocks(5, 9, blocks.reshape(-1))
+    assert torch.equal(R.philox_blocks(5, 9, blocks), flat.reshape(2, 3, 4))
