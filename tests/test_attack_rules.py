@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmask import attacks, ops
+from fastmask import attacks, losses, ops
 from fastmask.nn import FeatureMask
 
 C, D = 4, 64  # classes, input size (1 x 8 x 8)
@@ -430,3 +430,147 @@ def test_input_grad_of_a_model_autograd_differentiates(trained):
     xr = x.clone().requires_grad_(True)
     F.cross_entropy(base(xr), y, reduction="sum").backward()  # the mask is off in eval mode
     torch.testing.assert_close(attacks.input_grad(model, x, y), xr.grad, rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- the margin losses, zero gradients,
+# batch offsets, 1-D inputs, the defaults and transfer
+
+def _margin_pgd(model, x, y, eps, alpha, steps, loss, targeted, seed=0):
+    """pgd(loss="cw"/"dlr") rebuilt: from the random start (seed, offset 0), each step follows
+    the gradient of the summed loss (descended when targeted): torch autograd through the model
+    of the closed-form d loss / d logits of fastmask.losses (tests/test_losses.py checks that
+    against autograd of losses.value; autograd all the way differs in the last bits, enough
+    to flip the sign of near-zero pixels)."""
+    adv = ops.random_start(x, eps, seed=seed, offset=0)
+    with attacks.model_state(model):
+        for _ in range(steps):
+            xr = adv.clone().requires_grad_(True)
+            z = model(xr)
+            gz = losses.value_and_grad(loss, z.detach(), y)[1]
+            (g,) = torch.autograd.grad(z, xr, -gz if targeted else gz)
+            ops.pgd_step_(adv, x, g, alpha, eps)
+    return adv
+
+
+@pytest.mark.parametrize("loss", ["cw", "dlr"])
+def test_pgd_margin_losses_follow_their_gradient(trained, loss):
+    """loss= reaches every step, untargeted and targeted, on the graph-free path (a plain layer
+    chain) and the autograd one (a FeatureMask in the model, off in eval mode); EOT's extra
+    draws take the same loss (with masks="model" the k gradients are equal: the same sign).
+    All 300 points: enough rows for inputgrad to size its micro-batches (by the model)."""
+    base, x, y = trained
+    for net in (base, _masked(base)):
+        for lab, targeted in ((y, False), ((y + 1) % C, True)):
+            want = _margin_pgd(net, x, lab, 0.1, 0.025, 3, loss, targeted, seed=4)
+            kw = dict(alpha=0.025, steps=3, seed=4, targeted=targeted)
+            got = attacks.pgd(net, x, lab, 0.1, loss=loss, **kw)
+            assert torch.equal(got, want), (net, targeted)
+            assert not torch.equal(got, attacks.pgd(net, x, lab, 0.1, **kw))  # not the cross-entropy's
+            assert torch.equal(attacks.eot_pgd(net, x, lab, 0.1, loss=loss, samples=2, masks="model", **kw), want)
+    with pytest.raises(ValueError, match=r"^loss must be one of \('ce', 'cw', 'dlr'\), got 'logit-diff'$"):
+        attacks.pgd(base, x, y, 0.1, steps=1, loss="logit-diff")
+
+
+def test_zero_gradient_and_batch_offsets(trained):
+    """An output that does not depend on x has input gradient 0 for every loss (PGD does not
+    move from its start), and batch k of a batched attack starts from Philox offset k."""
+    _, x, y = trained
+    x, y = x[:10], y[:10]
+    for m in (_Constant(True), _Constant(False)):
+        for loss in ("ce", "cw", "dlr"):
+            for targeted in (False, True):
+                assert torch.equal(attacks.pgd(m, x, y, 0.1, steps=1, random_start=False, loss=loss,
+                                               targeted=targeted), x)
+    m = _Constant(True)
+    got = attacks.pgd(m, x, y, 0.1, steps=1, seed=5, batch_size=4)
+    want = torch.cat([ops.random_start(x[i:i + 4], 0.1, seed=5, offset=k) for k, i in enumerate(range(0, 10, 4))])
+    assert torch.equal(got, want)
+
+
+def test_one_dimensional_inputs_are_samples():
+    """x of shape (N,) is N one-feature samples; a 0-d x has no samples."""
+    class Scalar(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(1, 2)
+
+        def forward(self, x):
+            return self.lin(x.unsqueeze(1))
+    torch.manual_seed(0)
+    m = Scalar()
+    x, y = torch.rand(6), torch.tensor([0, 1, 0, 1, 1, 0])
+    xr = x.clone().requires_grad_(True)
+    F.cross_entropy(m(xr), y, reduction="sum").backward()
+    assert torch.equal(attacks.fgsm(m, x, y, 0.1), (x + 0.1 * xr.grad.sign()).clamp(0, 1))
+    with pytest.raises(ValueError) as info:
+        attacks.fgsm(m, torch.tensor(0.5), y[:1], 0.1)
+    assert str(info.value) == "x and y must have the same number of samples, got x () and y (1,)"
+
+
+def _tiny_masked():
+    torch.manual_seed(0)
+    model = nn.Sequential(FeatureMask(ratio=0.3, seed=2), nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.rand(8, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = model.eval()(x).argmax(1)
+    return model, x, y
+
+
+def test_defaults_are_the_registry_defaults():
+    """Each attack function called with its defaults is make_attack's attack with no settings
+    given: 40 steps, 20 EOT draws, seed 0, one restart from a random start, L-inf."""
+    model, x, y = _tiny_masked()
+    for name in ("fgsm", "pgd", "eot", "frozen"):
+        fn = attacks.get(name).function()
+        assert torch.equal(fn(model, x, y, 0.1), attacks.make_attack(name, 0.1)(model, x, y)), name
+    want = attacks.pgd(model, x, y, 0.1, steps=40, alpha=2.5 * 0.1 / 40, seed=0, random_start=True)
+    assert torch.equal(attacks.pgd(model, x, y, 0.1), want)
+    # EOT: the sum of 20 fresh draws per step; frozen: one draw for the whole attack
+    assert torch.equal(attacks.eot_pgd(model, x, y, 0.1), attacks.eot_pgd(model, x, y, 0.1, samples=20, seed=0,
+                                                                          steps=40, masks="random"))
+    assert torch.equal(attacks.pgd_frozen_mask(model, x, y, 0.1), attacks.eot_pgd(model, x, y, 0.1, samples=1,
+                                                                                  masks="frozen"))
+
+
+def test_transfer_pgd_is_pgd_on_the_surrogate(trained):
+    """transfer_pgd crafts PGD on the surrogate with every setting passed on (its defaults are
+    pgd's); make_attack("transfer") is it, and refuses to run without a surrogate. (The trained
+    MLP's ambiguous points: there the start, the steps and the restarts change the result.)"""
+    surrogate, x, y = trained
+    x, y = x[:40], y[:40]
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(D, C)).eval()
+    assert torch.equal(attacks.transfer_pgd(model, x, y, 0.1, surrogate=surrogate), attacks.pgd(surrogate, x, y, 0.1))
+    assert not torch.equal(attacks.pgd(surrogate, x, y, 0.1), attacks.pgd(model, x, y, 0.1))
+    assert not torch.equal(attacks.pgd(surrogate, x, y, 0.1), attacks.pgd(surrogate, x, y, 0.1, seed=1))
+    assert not torch.equal(attacks.pgd(surrogate, x, y, 0.1), attacks.pgd(surrogate, x, y, 0.1, steps=41))
+    for kw in (dict(steps=3, alpha=0.03, random_start=False, lo=0.1, hi=0.9),
+               dict(steps=2, seed=5, restarts=3, lo=0.2, hi=0.8, batch_size=7)):
+        want = attacks.pgd(surrogate, x, y, 0.1, **kw)
+        assert torch.equal(attacks.transfer_pgd(model, x, y, 0.1, surrogate=surrogate, **kw), want), kw
+        assert torch.equal(attacks.make_attack("transfer", 0.1, surrogate=surrogate, **kw)(model, x, y), want), kw
+    one = dict(steps=2, seed=5, lo=0.2, hi=0.8)
+    assert not torch.equal(attacks.pgd(surrogate, x, y, 0.1, restarts=3, batch_size=7, **one),
+                           attacks.pgd(surrogate, x, y, 0.1, restarts=3, **one))
+    assert not torch.equal(attacks.pgd(surrogate, x, y, 0.1, restarts=3, batch_size=7, **one),
+                           attacks.pgd(surrogate, x, y, 0.1, batch_size=7, **one))
+    with pytest.raises(ValueError, match=r"^attack 'transfer' needs surrogate=$"):
+        attacks.make_attack("transfer", 0.1)
+    with pytest.raises(ValueError, match=r"^transfer needs a surrogate other than the attacked model$"):
+        attacks.transfer_pgd(model, x, y, 0.1, surrogate=model)
+
+
+def test_restarts_keep_the_first_on_a_tie(trained):
+    """Restarts of equal loss and equal broken state: the first is kept (an output that ignores
+    x gives every restart the same loss; with no gradient each stays at its random start)."""
+    _, x, y = trained
+    x, y = x[:10], y[:10]
+    got = attacks.pgd(_Constant(True), x, y, 0.1, steps=1, restarts=3, seed=5)
+    assert torch.equal(got, ops.random_start(x, 0.1, seed=5, offset=0))
+
+
+def test_feature_masks_of_the_modules_given():
+    model, _, _ = _tiny_masked()
+    assert attacks.feature_masks(model) == [model[0]]
+    assert attacks.feature_masks(model, [model[2], model[3]]) == []
+    assert attacks.feature_masks(model, list(model)[:1]) == [model[0]]

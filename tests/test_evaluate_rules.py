@@ -2,14 +2,17 @@
 threshold, the Markdown report, the clean metrics of known logits, and the argument
 errors. Written against the surviving mutants of the mutation job (docs/reliability.md)."""
 import math
+import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastmask import attacks as A
 from fastmask import evaluate as E
 from fastmask import honest, report
+from fastmask.nn import FeatureMask
 
 RESULTS = {"eps": [0.0, 0.1, 1.0], "grad": {"zero_frac": 0.1, "nan_frac": 0.02},
            "robust_accuracy": [0.9, 0.3, 0.35],
@@ -186,3 +189,126 @@ def test_honest_report_passes_its_settings():
     rob = rep["rows"]["model"]["robustness"]
     assert rob["attacks"] == ["fgsm", "pgd", "transfer"]  # precomputed transfer examples are used as given
     assert rob["accuracy"]["transfer"] == [0.75, 0.25]
+
+
+def test_sanity_check_kinds_boundaries_and_eps_order():
+    """The attacks compared are the registry's L-inf kinds ("<name>_restarts" is its attack's, L2
+    and custom labels are left out; FGSM is white-box too); a difference of exactly tol is
+    tolerated (dyadic values: the sums are exact); "rises" follows the eps order."""
+    def flags(acc, eps=(0.1,), robust=(0.0,), **kw):
+        r = {"eps": list(eps), "robust_accuracy": list(robust), "accuracy": acc}
+        return [(f["flag"], f["detail"]) for f in E.sanity_checks(r, **kw)]
+    assert flags({"fgsm": [0.5], "pgd_restarts": [0.75], "pgd_l2": [0.75], "mine": [0.75]}) == [
+        ("iterative_weaker_than_single_step", "eps=0.1: pgd_restarts accuracy 0.750 > fgsm 0.500")]
+    assert flags({"fgsm": [0.0625], "pgd": [0.5], "transfer": [0.25]}) == [
+        ("iterative_weaker_than_single_step", "eps=0.1: pgd accuracy 0.500 > fgsm 0.062")]
+    for acc in ({"fgsm": [0.5], "pgd": [0.75]}, {"pgd": [0.75], "transfer": [0.5]}, {"eot": [0.5], "pgd": [0.75]},
+                {"eot": [1.0], "pgd": [0.75]}):
+        assert flags(acc, tol=0.25) == [], acc
+    assert flags({}, eps=(0.1, 0.2), robust=(0.5, 0.75), tol=0.25) == []
+    assert flags({}, eps=(0.3, 0.1), robust=(0.5, 0.25)) == [
+        ("accuracy_rises_with_eps", "robust: accuracy 0.250 at eps=0.1 < 0.500 at eps=0.3")]
+
+
+def _masked_linear(n=300):
+    torch.manual_seed(0)
+    model = nn.Sequential(FeatureMask(ratio=0.5, seed=1), nn.Flatten(), nn.Linear(16, 3)).eval()
+    x = torch.rand(n, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    return model, x, y
+
+
+def test_robustness_with_test_masks_is_the_calls_it_makes():
+    """test_mask=True rebuilt from the public calls, in robustness's order, under one outer
+    model_state("random") (the draws continue from call to call): the clean predictions, the
+    gradient statistics, each attack with its seed, batch size and masks, and the scoring, all
+    in batches of batch_size; a custom attack crafts under the same random masks."""
+    model, x, y = _masked_linear()
+    seen = []
+
+    def custom(m, xb, yb, eps):
+        seen.append(m[0].training)  # the FeatureMask draws (training mode) while it crafts
+        return xb
+    r = E.robustness(model, x, y, eps_list=[0.1], attacks=("pgd", ("custom", custom)), pgd_steps=2, seed=3,
+                     batch_size=7, test_mask=True)
+    with A.model_state(model, "random"):
+        clean = E.predict(model, x, batch_size=7, masks="random") == y
+        g = A.input_grad(model, x, y, masks="random", batch_size=7)
+        adv = A.make_attack("pgd", 0.1, steps=2, seed=3, batch_size=7, masks="random")(model, x, y)
+        pgd = E.predict(model, adv, batch_size=7, masks="random") == y
+        mine = E.predict(model, x, batch_size=7, masks="random") == y
+    assert seen == [True] and r["masks"] == "random"
+    assert torch.equal(r["clean_correct"], clean) and r["grad"]["mean_abs"] == g.abs().mean().item()
+    assert torch.equal(r["correct"]["pgd"][0], pgd) and torch.equal(r["correct"]["custom"][0], mine)
+    # the data tell the settings apart: one batch, the model's own masks or another seed differ
+    assert not torch.equal(E.predict(model, x, masks="random") == y, clean)
+    assert not torch.equal(E.predict(model, x, batch_size=7) == y, clean)
+    assert A.input_grad(model, x, y, batch_size=7).abs().mean().item() != r["grad"]["mean_abs"]
+    other = A.make_attack("pgd", 0.1, steps=2, seed=0, batch_size=7, masks="random")(model, x, y)
+    assert not torch.equal(other, adv)
+
+
+class _Rows(nn.Module):
+    """A linear model whose input gradient is zero for samples with x[0] < 0.25 and NaN for
+    those with x[0] > 0.75 (the rows' logits are scaled by 0 and by NaN)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        s = torch.where(x[:, :1] < 0.25, 0.0, torch.where(x[:, :1] > 0.75, math.nan, 1.0))
+        return self.lin(x) * s
+
+
+def test_gradient_statistics_count_samples():
+    torch.manual_seed(0)
+    x = torch.rand(40, 4, generator=torch.Generator().manual_seed(1))
+    y = torch.zeros(40, dtype=torch.long)
+    r = E.robustness(_Rows(), x, y, eps_list=[0.0])
+    zero, nan = (x[:, 0] < 0.25).double().mean().item(), (x[:, 0] > 0.75).double().mean().item()
+    assert 0 < zero < 1 and 0 < nan < 1
+    assert r["grad"]["zero_frac"] == zero and r["grad"]["nan_frac"] == nan
+
+
+def test_defaults_and_masks_of_the_clean_calls():
+    """robustness's documented defaults (its config), the 10 classes of the metrics, and
+    masks= of logits / predict / evaluate; evaluate's batch_size check and its timer."""
+    model, x, y = _masked_linear(60)
+    r = E.robustness(model, x, y, eps_list=[0.0])
+    assert r["config"] == {"pgd_steps": 40, "pgd_alpha": None, "restarts": 1, "eot_samples": 20, "seed": 0,
+                           "batch_size": 500}
+    assert r["attacks"] == ["fgsm", "pgd"] and r["masks"] == "model"
+    m = E.classification_metrics(y, y)
+    assert len(m["per_class"]["f1"]) == 10 and E.confusion_matrix(y, y).shape == (10, 10)
+    plain = E.predict(model, x)
+    assert torch.equal(plain, E.logits(model, x).argmax(1)) and torch.equal(plain, y)
+    rand = E.predict(model, x, masks="random")
+    assert torch.equal(rand, E.logits(model, x, masks="random").argmax(1)) and not torch.equal(rand, plain)
+    t0 = time.perf_counter()
+    ev = E.evaluate(model, x, y, masks="random")
+    assert torch.equal(ev["correct"], rand == y) and 0 <= ev["inference_time_s"] <= time.perf_counter() - t0
+    with pytest.raises(ValueError, match=r"^batch_size must be >= 1, got 0$"):
+        E.evaluate(model, x, y, batch_size=0)
+
+
+def test_macro_average_counts_a_class_seen_once():
+    """A class predicted once but absent from y, or in y once but never predicted, is one of the
+    classes the macro average runs over (with precision / recall 0)."""
+    m = E.classification_metrics(torch.tensor([0, 0, 2]), torch.tensor([0, 0, 0]), 3)
+    assert m["precision"] == pytest.approx((1 + 0) / 2) and m["recall"] == pytest.approx((2 / 3 + 0) / 2)
+    m = E.classification_metrics(torch.tensor([0, 0, 0]), torch.tensor([0, 0, 1]), 3)
+    assert m["precision"] == pytest.approx((2 / 3 + 0) / 2) and m["recall"] == pytest.approx((1 + 0) / 2)
+
+
+def test_default_batches_of_1000_set_the_random_draws():
+    """logits / predict / evaluate run 1000 samples per forward by default: with random masks the
+    draws of 1001 samples are those of a batch of 1000 and then one of 1 (the draws continue)."""
+    model, x, y = _masked_linear(1001)
+    with A.model_state(model, "random"):
+        want = torch.cat([E.logits(model, x[:1000], masks="random"), E.logits(model, x[1000:], masks="random")])
+    assert torch.equal(E.logits(model, x, masks="random"), want)
+    assert not torch.equal(E.logits(model, x, masks="random", batch_size=1001), want)
+    assert torch.equal(E.predict(model, x, masks="random"), want.argmax(1))
+    assert torch.equal(E.evaluate(model, x, y, masks="random")["correct"], want.argmax(1) == y)

@@ -148,3 +148,80 @@ def test_one_element_masks_its_gradient(backend, mode):
     y.backward(torch.ones_like(y))
     assert y.item() == (2.0 if mode == "blur" else -1.0)
     assert x.grad.item() == (1.0 if mode == "blur" else 0.0)
+
+
+def test_reference_defaults_are_the_documented_ones():
+    """fastmask.reference called with its defaults is the op with docs/ops.md's defaults (pixel,
+    per sample, fill 0, box [0, 1], L-inf): the fallback is usable on its own. Against the
+    extension's kernels where they are built; inputs near the box edges, so [0, 1] clamps."""
+    from fastmask import reference as R
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(3, 2, 5, 6, generator=g)
+    grad = torch.randn(3, 2, 5, 6, generator=g)
+    kw = dict(mode="pixel", scope="sample", channels="shared")
+    assert torch.equal(R.mask_generate(x.shape, 0.4, 7, 2), ops.mask_generate(x.shape, 0.4, seed=7, offset=2, **kw))
+    assert torch.equal(R.mask_apply(x, 0.4, 7, 2), ops.mask_apply(x, 0.4, seed=7, offset=2, fill=0.0, **kw))
+    keep = ops.mask_generate(x.shape, 0.4, seed=7, offset=2, **kw)
+    assert torch.equal(R.mask_apply_backward(grad, 0.4, 7, 2), torch.where(keep, grad, 0.0))
+    assert torch.equal(R.fgsm(x, grad, 0.3), ops.fgsm(x, grad, 0.3, 0.0, 1.0))
+    want = ops.pgd_step(x, x, grad, 0.3, 0.3, 0.0, 1.0, "inf")
+    assert torch.equal(R.pgd_step(x, x, grad, 0.3, 0.3), want)
+    xa = x.clone()
+    R.pgd_step_(xa, x, grad, 0.3, 0.3)
+    assert torch.equal(xa, want)
+    assert torch.equal(R.random_start(x, 0.3, 7, 2), ops.random_start(x, 0.3, seed=7, offset=2, norm="inf", lo=0.0,
+                                                                      hi=1.0))
+
+
+def test_empty_and_ratio_zero_masks_are_all_kept_bools():
+    """A shape with no element (H, W or C = 0) or ratio 0 gives an all-True bool mask of the shape."""
+    from fastmask import reference as R
+    for shape in ((2, 3, 4, 0), (2, 3, 0, 4), (2, 0, 4, 4), (0, 3, 4, 4)):
+        for channels in ("shared", "separate"):
+            for mode in ("pixel", "block"):
+                m = R.mask_generate(shape, 0.5, 1, 0, mode, "sample", channels)
+                assert m.dtype == torch.bool and m.shape == shape, (shape, channels, mode)
+    for mode in ("pixel", "block", "blur"):
+        m = R.mask_generate((2, 3, 4, 4), 0.0, 1, 0, mode, "sample", "shared")
+        assert m.dtype == torch.bool and bool(m.all())
+
+
+def test_reference_grad_clip_noise_rounds_once_from_opmath():
+    """The reference's gradient manipulation in the docs' order, computed in the opmath type
+    (float32 for float16, float64 for float64) and rounded once: against the same formula
+    written out (scale = min(1, max_norm / (norm + 1e-6)), clamp, beta state + (1 - beta) t),
+    bit for bit; its defaults add no noise, and noise follows (seed 0, offset 0)."""
+    from fastmask import reference as R
+    for dtype, op in ((torch.float16, torch.float32), (torch.float64, torch.float64)):
+        gen = torch.Generator().manual_seed(3)
+        grads = [torch.randn(40, generator=gen).to(dtype), torch.randn(3, 7, generator=gen).to(dtype)]
+        state = [torch.rand(40, generator=gen).to(dtype), torch.rand(3, 7, generator=gen).to(dtype)]
+        total = sum(g.to(torch.float64).pow(2).sum() for g in grads).sqrt()
+        scale = (0.5 / (total + 1e-6)).clamp_max(1.0).to(op)
+        want_g, want_s = [], []
+        for g, s in zip(grads, state):
+            t = (g.to(op) * scale).clamp(-0.05, 0.05)
+            t = torch.tensor(0.9, dtype=op) * s.to(op) + (1 - torch.tensor(0.9, dtype=op)) * t
+            want_g.append(t.to(dtype))
+            want_s.append(t.to(dtype))
+        gs, ss = [g.clone() for g in grads], [s.clone() for s in state]
+        norm = R.grad_clip_noise_(gs, 0.5, 0.0, 0, 0, 0.05, 0.9, ss)
+        assert norm.item() == total.to(torch.float64 if dtype == torch.float64 else torch.float32).item(), dtype
+        for got, want in zip(gs + ss, want_g + want_s):
+            assert torch.equal(got, want), dtype
+    g = [torch.randn(50, generator=torch.Generator().manual_seed(4))]
+    plain = [g[0].clone()]
+    R.grad_clip_noise_(plain)
+    assert torch.equal(plain[0], g[0])
+    noisy, want = [g[0].clone()], [g[0].clone()]
+    R.grad_clip_noise_(noisy, None, 0.1)
+    ops.grad_clip_noise_(want, None, 0.1, seed=0, offset=0)
+    torch.testing.assert_close(noisy[0], want[0])
+
+
+def test_philox_blocks_keeps_the_shape_of_its_blocks():
+    """philox_blocks(seed, offset, blocks) has shape blocks.shape + (4,), word j of block b last."""
+    from fastmask import reference as R
+    blocks = torch.arange(6, dtype=torch.int64).reshape(2, 3)
+    flat = R.philox_blocks(5, 9, blocks.reshape(-1))
+    assert torch.equal(R.philox_blocks(5, 9, blocks), flat.reshape(2, 3, 4))

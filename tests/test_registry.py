@@ -174,3 +174,63 @@ def test_autoattack_entry_passes_every_setting(monkeypatch):
     with pytest.raises(ValueError, match="autoattack.draws must be >= 1, got 0"):
         attacks.parse_options(["autoattack.draws=0"])
     assert attacks.parse_options(["autoattack.draws=none"]) == {"autoattack": {"draws": None}}
+
+
+def _message(exc, fn, *args, **kw):
+    with pytest.raises(exc) as info:
+        fn(*args, **kw)
+    return str(info.value)
+
+
+def test_registry_refusals_are_worded_exactly():
+    """register() takes every documented kind and honest choice and names the field it refuses;
+    an entry's settings, missing context and a default that fails its own check are named."""
+    assert _message(TypeError, attacks.register, {"name": "x"}) == "register takes an Attack, got dict"
+    for field, value, choices in (("kind", "white", "'single_step', 'iterative', 'black_box', 'transfer'"),
+                                  ("norm", "1", "'inf', '2'"), ("honest", "never", "'always', 'test_mask', None")):
+        entry = attacks.Attack("other", shift, **{field: value})
+        assert _message(ValueError, attacks.register, entry) == f"{field}={value!r} must be one of {choices}"
+        assert "other" not in attacks.REGISTRY
+    for kw in (dict(kind="iterative"), dict(kind="transfer"), dict(honest="test_mask"), dict(honest=None),
+               dict(norm="2")):
+        attacks.register(attacks.Attack("other", shift, **kw))
+        del attacks.REGISTRY["other"]
+    assert _message(ValueError, attacks.get("fgsm").options, {"steps": 3}) == (
+        "attack 'fgsm' has no setting 'steps' (its settings: none)")
+    assert _message(ValueError, attacks.get("pgd").options, {"step": 3}) == (
+        "attack 'pgd' has no setting 'step' (its settings: steps, alpha, restarts, random_start)")
+    assert _message(ValueError, attacks.make_attack, "pgd", 0.1, random_start="yes") == (
+        "pgd.random_start must be True or False, got 'yes'")
+    assert _message(ValueError, attacks.make_attack, "pgd", 0.1, alpha=-1.0) == "pgd.alpha must be > 0, got -1.0"
+    # a given value is named NAME.KEY, a default (the entry's own) by its key
+    bad = attacks.Attack("bad_default", shift, {"n": attacks.Setting(0, C.positive_int)})
+    assert _message(ValueError, bad.options) == "n must be >= 1, got 0"
+    assert _message(ValueError, bad.options, {"n": -1}) == "bad_default.n must be >= 1, got -1"
+    assert _message(ValueError, attacks.get("transfer").bind, 0.1) == "attack 'transfer' needs surrogate="
+    # "module:function" may be relative to the fastmask package
+    assert attacks.Attack("rel", ".square:square").function() is attacks.square
+
+
+def test_parse_options_spellings():
+    """--attack-opt NAME.KEY=VALUE: the first '=' ends the key, the first '.' the name; booleans
+    in the usual spellings, any case; alpha none/auto; each refusal names the option."""
+    def opt(spec):
+        return attacks.parse_options([spec])
+    for text in ("1", "true", "yes", "on", "TRUE", "On"):
+        assert opt(f"pgd.random_start={text}") == {"pgd": {"random_start": True}}, text
+    for text in ("0", "false", "no", "off", "FALSE", "Off"):
+        assert opt(f"pgd.random_start={text}") == {"pgd": {"random_start": False}}, text
+    assert _message(ValueError, attacks.RANDOM_START.parse, "maybe") == "'maybe' is not true or false"
+    for text in ("none", "auto", "None", "AUTO"):
+        assert opt(f"pgd.alpha={text}") == {"pgd": {"alpha": None}}, text
+    assert opt("pgd.alpha=0.05") == {"pgd": {"alpha": 0.05}}
+    for spec, want in (
+            ("pgd.steps=1=2", "'1=2' is not a valid steps"),
+            ("pgd.x.y=1", "attack 'pgd' has no setting 'x.y' (its settings: steps, alpha, restarts, random_start)"),
+            (".steps=3", "expected NAME.KEY=VALUE (e.g. pgd.steps=100)"),
+            ("pgd.=3", "expected NAME.KEY=VALUE (e.g. pgd.steps=100)"),
+            ("fgsm.steps=3", "attack 'fgsm' has no setting 'steps' (its settings: none)")):
+        assert _message(ValueError, opt, spec) == f"--attack-opt {spec!r}: {want}", spec
+    assert _message(ValueError, opt, "pgd.alpha=-1") == "--attack-opt pgd.alpha must be > 0, got -1.0"
+    assert _message(ValueError, opt, "nope.steps=3").startswith(
+        "--attack-opt 'nope.steps=3': unknown attack 'nope' (one of fgsm, pgd, eot, frozen, pgd_l2, transfer, ")

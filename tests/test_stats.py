@@ -2,6 +2,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from fastmask import stats
 
@@ -127,3 +128,25 @@ def test_wilson_interval():
     lo, hi = wilson(90, 100)
     assert (lo, hi) == (pytest.approx(0.82563, abs=1e-5), pytest.approx(0.94477, abs=1e-5))
     assert wilson(5, 0) == (0.0, 1.0) and wilson(500, 500)[1] == 1.0 and wilson(0, 500)[0] == 0.0
+
+
+def test_wilson_ends_are_exact_where_rounding_misses_them():
+    from fastmask.stats import wilson
+    z2 = 1.959963984540054 ** 2
+    # one trial is an interval like any other (only n = 0 has no information)
+    assert wilson(0, 1) == (0.0, pytest.approx(z2 / (1 + z2), rel=1e-12))
+    assert wilson(1, 1) == (pytest.approx(1 / (1 + z2), rel=1e-12), 1.0)
+    # the formula rounds to 1 - 1 ulp at k = n = 10 and to 5.6e-17 at k = 0, n = 3: the ends are exact
+    assert wilson(10, 10)[1] == 1.0 and wilson(0, 3)[0] == 0.0
+
+
+def test_versus_baseline_plain_lists_and_kept_keys():
+    a = [True, True, False, True, True, True]
+    b = [False, False, False, True, False, True]
+    # plain sequences (no .dim) are one test, like a 1-D tensor
+    vs = stats.versus_baseline({"base": b, "x": a}, "base", lambda r: r)
+    assert vs == {"x": stats.compare(a, b)}
+    # keys are kept per eps of an eps x n tensor as well
+    ta, tb = torch.tensor([a, b]), torch.tensor([b, b])
+    vs = stats.versus_baseline({"base": tb, "x": ta}, "base", lambda r: r, keys=("delta", "test"))
+    assert vs == {"x": [{k: stats.compare(ta[i], tb[i])[k] for k in ("delta", "test")} for i in range(2)]}
