@@ -13,13 +13,11 @@ minimum per call over the rounds, 1 torch thread:
 import sys
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.bench_train import batches
+from benchmarks.bench_train import batches, trainer
 from benchmarks.harness import cpu_model, isa_info
 from benchmarks.learned_mask_ab import interleaved
-from fastmask import models
 from fastmask.nn import FeatureMask
 
 
@@ -36,19 +34,7 @@ class BareBlur(nn.Module):
 
 
 def step(mask, pool):
-    model = models.build("mlp", seed=0)
-    model.mask = mask
-    model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    state = {"i": 0}
-
-    def run():
-        x, y = pool[state["i"] % len(pool)]
-        state["i"] += 1
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    return run
+    return trainer("mlp", mask, pool, "cpu")  # the same MLP step as bench_train's end-to-end rows
 
 
 def main(rounds=300, block=5):

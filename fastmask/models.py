@@ -126,6 +126,14 @@ def save(path, model, config, data_hash, extra=None):
     atomic_write_bytes(path, buf.getvalue())
 
 
+def load_weights_only(path, error):
+    """torch.load(path, weights_only=True) on the CPU; a failure raises error(first line of the reason)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise error(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
+
+
 def read_checkpoint(path):
     """The checkpoint dict, after checking it is one; CheckpointError naming the path otherwise."""
     path = Path(path)
@@ -133,11 +141,7 @@ def read_checkpoint(path):
         raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} is unreadable: {first}") from None
+    blob = load_weights_only(path, lambda why: CheckpointError(f"checkpoint {path} is unreadable: {why}"))
     if not isinstance(blob, dict) or blob.get("kind") != CHECKPOINT_KIND:
         raise CheckpointError(f"{path} is not a fastmask checkpoint")
     if blob.get("version") != CHECKPOINT_VERSION:

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import models as M
+
 __all__ = ["load_model_def", "check_logits", "model_defs", "parse_checkpoints", "command_models"]
 
 
@@ -52,12 +54,8 @@ def load_model_def(spec, weights):
     path = Path(weights)
     if not path.is_file():
         raise ValueError(f"--weights {str(weights)!r}: no such file")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"--weights {str(weights)!r}: not readable by torch.load(weights_only=True): "
-                         f"{first}") from None
+    sd = M.load_weights_only(path, lambda why: ValueError(
+        f"--weights {str(weights)!r}: not readable by torch.load(weights_only=True): {why}"))
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"--weights {str(weights)!r}: holds a {type(sd).__name__}, not a state dict "
                          "({name: tensor})")
