@@ -34,13 +34,15 @@ def project_linf(t, w, b, lo=0.0, hi=1.0):
     reaches c inside the box, d goes all the way to that corner (the original's rule).
     """
     c = (w * t).sum(1) - b
-    flip = torch.where(c < 0, -1.0, 1.0).to(t.dtype)
-    w, c = w * flip[:, None], c * flip
+    neg = c < 0
+    w, c = torch.where(neg[:, None], -w, w), torch.where(neg, -c, c)
+    pos = w > 0
     aw = w.abs()
-    room = torch.where(w > 0, t - lo, hi - t).clamp_(min=0)
+    room = torch.where(pos, t if lo == 0 else t - lo, hi - t).clamp_(min=0)
     room_s, order = room.sort(dim=1)
     aw_s = aw.gather(1, order)
-    below = torch.cumsum(aw_s * room_s, 1) - aw_s * room_s   # sum_{j<k} |w_j| room_j
+    mass = aw_s * room_s
+    below = torch.cumsum(mass, 1).sub_(mass)                   # sum_{j<k} |w_j| room_j
     above = aw_s.flip(1).cumsum(1).flip(1)                     # sum_{j>=k} |w_j|
     f_k = below + room_s * above                               # f at the k-th breakpoint
     k = torch.searchsorted(f_k, c[:, None].contiguous()).squeeze(1)   # first breakpoint with f >= c
@@ -48,8 +50,9 @@ def project_linf(t, w, b, lo=0.0, hi=1.0):
     kk = k.clamp(max=t.shape[1] - 1)[:, None]
     lam = (c - below.gather(1, kk)[:, 0]) / above.gather(1, kk)[:, 0].clamp_min(1e-30)
     lam = torch.where(feasible, lam, torch.full_like(lam, float("inf")))
-    d = -torch.sign(w) * torch.minimum(lam[:, None], room)
-    return d * (w != 0)
+    step = torch.minimum(lam[:, None], room)
+    # -sign(w) * step, and -0.0 where w == 0 (the bits of the original's -sign(w) * step * (w != 0))
+    return torch.where(pos, -step, step).masked_fill_(w == 0, -0.0)
 
 
 def _run(model, x0, y, tgt, eps, steps, alpha_max, eta, beta, lo, hi, stats):
