@@ -34,8 +34,8 @@ def project_linf(t, w, b, lo=0.0, hi=1.0):
     reaches c inside the box, d goes all the way to that corner (the original's rule).
     """
     c = (w * t).sum(1) - b
-    neg = c < 0
-    w, c = torch.where(neg[:, None], -w, w), torch.where(neg, -c, c)
+    flip = torch.where(c < 0, -1.0, 1.0).to(t.dtype)
+    w, c = w * flip[:, None], c * flip
     pos = w > 0
     aw = w.abs()
     room = torch.where(pos, t if lo == 0 else t - lo, hi - t).clamp_(min=0)
@@ -50,9 +50,7 @@ def project_linf(t, w, b, lo=0.0, hi=1.0):
     kk = k.clamp(max=t.shape[1] - 1)[:, None]
     lam = (c - below.gather(1, kk)[:, 0]) / above.gather(1, kk)[:, 0].clamp_min(1e-30)
     lam = torch.where(feasible, lam, torch.full_like(lam, float("inf")))
-    step = torch.minimum(lam[:, None], room)
-    # -sign(w) * step, and -0.0 where w == 0 (the bits of the original's -sign(w) * step * (w != 0))
-    return torch.where(pos, -step, step).masked_fill_(w == 0, -0.0)
+    return torch.sign(w).neg_().mul_(torch.minimum(lam[:, None], room))  # -0.0 where w == 0
 
 
 def _run(model, x0, y, tgt, eps, steps, alpha_max, eta, beta, lo, hi, stats):
