@@ -36,9 +36,8 @@ def project_linf(t, w, b, lo=0.0, hi=1.0):
     c = (w * t).sum(1) - b
     flip = torch.where(c < 0, -1.0, 1.0).to(t.dtype)
     w, c = w * flip[:, None], c * flip
-    pos = w > 0
     aw = w.abs()
-    room = torch.where(pos, t if lo == 0 else t - lo, hi - t).clamp_(min=0)
+    room = torch.where(w > 0, t - lo, hi - t).clamp_(min=0)
     room_s, order = room.sort(dim=1)
     aw_s = aw.gather(1, order)
     mass = aw_s * room_s
@@ -50,7 +49,7 @@ def project_linf(t, w, b, lo=0.0, hi=1.0):
     kk = k.clamp(max=t.shape[1] - 1)[:, None]
     lam = (c - below.gather(1, kk)[:, 0]) / above.gather(1, kk)[:, 0].clamp_min(1e-30)
     lam = torch.where(feasible, lam, torch.full_like(lam, float("inf")))
-    return torch.sign(w).neg_().mul_(torch.minimum(lam[:, None], room))  # -0.0 where w == 0
+    return torch.sign(w).neg_().mul_(torch.minimum(lam[:, None], room))  # where w == 0: -0 * step = 0
 
 
 def _run(model, x0, y, tgt, eps, steps, alpha_max, eta, beta, lo, hi, stats):
