@@ -130,6 +130,7 @@ TORCH_LIBRARY(fastmask, m) {
         "float hi, Tensor(a!) out) -> ()");
   m.def("learned_mask_apply(Tensor x, Tensor logits) -> Tensor");
   m.def("learned_mask_apply_backward(Tensor grad, Tensor x, Tensor logits) -> Tensor");
+  m.def("project_linf(Tensor t, Tensor w, Tensor b, float lo, float hi) -> Tensor");
   m.def("grad_clip_noise_(Tensor(a!)[] grads, float? max_norm, float noise_std, int seed, "
         "int offset, float? clip_value, float? smoothing, Tensor(b!)[] state) -> Tensor");
 }

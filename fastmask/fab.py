@@ -17,39 +17,14 @@ robust-accuracy figure). Deterministic: there are no random draws.
 """
 import torch
 
+from . import ops
 from .apgd import check_eps, clean_logits
 from . import _checks as C
 from .attacks import _batched, _loss_value_grad, check_inputs, model_state
 
 __all__ = ["fab_targeted", "project_linf"]
 
-
-def project_linf(t, w, b, lo=0.0, hi=1.0):
-    """The L-inf-smallest d with <w, t + d> = b and lo <= t + d <= hi, per row (t, w: N x D; b: N).
-
-    With c = <w, t> - b >= 0 (else flip w and b), the best move of L-inf size lam is
-    d_i = -sign(w_i) min(lam, room_i), room_i the distance from t_i to the box face that
-    lowers <w, x>; f(lam) = sum |w_i| min(lam, room_i) is piecewise linear and increasing,
-    so lam solves f(lam) = c on the segment found among the sorted rooms. When no lam
-    reaches c inside the box, d goes all the way to that corner (the original's rule).
-    """
-    c = (w * t).sum(1) - b
-    flip = torch.where(c < 0, -1.0, 1.0).to(t.dtype)
-    w, c = w * flip[:, None], c * flip
-    aw = w.abs()
-    room = torch.where(w > 0, t - lo, hi - t).clamp_(min=0)
-    room_s, order = room.sort(dim=1)
-    aw_s = aw.gather(1, order)
-    below = torch.cumsum(aw_s * room_s, 1) - aw_s * room_s   # sum_{j<k} |w_j| room_j
-    above = aw_s.flip(1).cumsum(1).flip(1)                     # sum_{j>=k} |w_j|
-    f_k = below + room_s * above                               # f at the k-th breakpoint
-    k = torch.searchsorted(f_k, c[:, None].contiguous()).squeeze(1)   # first breakpoint with f >= c
-    feasible = k < t.shape[1]
-    kk = k.clamp(max=t.shape[1] - 1)[:, None]
-    lam = (c - below.gather(1, kk)[:, 0]) / above.gather(1, kk)[:, 0].clamp_min(1e-30)
-    lam = torch.where(feasible, lam, torch.full_like(lam, float("inf")))
-    d = -torch.sign(w) * torch.minimum(lam[:, None], room)
-    return d * (w != 0)
+project_linf = ops.project_linf  # the projection is an op (fastmask.ops); its name here for FAB's readers
 
 
 def _run(model, x0, y, tgt, eps, steps, alpha_max, eta, beta, lo, hi, stats):
@@ -65,7 +40,7 @@ def _run(model, x0, y, tgt, eps, steps, alpha_max, eta, beta, lo, hi, stats):
         stats["grads"] += idx.numel()
         w = g.flatten(1)
         b = -df + (w * x1.flatten(1)).sum(1)
-        d = project_linf(torch.cat((x1.flatten(1), x0.flatten(1))), torch.cat((w, w)), torch.cat((b, b)), lo, hi)
+        d = ops.project_linf(torch.cat((x1.flatten(1), x0.flatten(1))), torch.cat((w, w)), torch.cat((b, b)), lo, hi)
         a0 = d.abs().amax(1).clamp_min(1e-8)
         m = idx.numel()
         d1, d2 = d[:m].view_as(x1), d[m:].view_as(x1)

@@ -33,7 +33,7 @@ from fastmask import reference
 
 __all__ = [
     "philox", "mask_apply", "mask_generate", "fgsm", "pgd_step", "pgd_step_",
-    "random_start", "grad_clip_noise_", "learned_mask_apply", "extension_loaded", "build_info",
+    "random_start", "grad_clip_noise_", "learned_mask_apply", "project_linf", "extension_loaded", "build_info",
     "MODES", "SCOPES", "CHANNELS", "NORMS",
 ]
 
@@ -315,6 +315,35 @@ def random_start(x: Tensor, eps: float, *, seed: int, offset: int = 0, norm: str
     return reference.random_start(x, eps, seed, offset, norm, lo, hi)
 
 
+def project_linf(t: Tensor, w: Tensor, b: Tensor, lo: float = 0.0, hi: float = 1.0) -> Tensor:
+    """FAB's L-inf projection: per row, the L-inf-smallest d with <w, t + d> = b and lo <= t + d <= hi.
+
+    Args:
+        t, w: Tensor[N, D] of one floating dtype and device; b: Tensor[N] of that dtype.
+        lo, hi: the box (lo <= hi).
+    Returns:
+        d (N x D): with c = <w, t> - b >= 0 (else w and c flipped), d_i = -sign(w_i) min(lam, room_i),
+        room_i the distance from t_i to the face that lowers <w, x>, lam the least with
+        sum_i |w_i| min(lam, room_i) >= c; where no lam inside the box reaches c, d goes all the
+        way to that corner (the original's rule). The CPU kernel (float32 / float64) finds lam by
+        selection with float64 sums, the reference (other devices and dtypes) by a sort: the same
+        lam up to rounding (docs/ops.md).
+    """
+    for name, v in (("t", t), ("w", w), ("b", b)):
+        _float_tensor(name, v)
+    if t.dim() != 2 or w.shape != t.shape:
+        raise ValueError(f"t and w must be N x D of one shape, got t {tuple(t.shape)} and w {tuple(w.shape)}")
+    if b.shape != t.shape[:1]:
+        raise ValueError(f"b must have shape ({t.shape[0]},), got {tuple(b.shape)}")
+    if w.dtype != t.dtype or b.dtype != t.dtype or w.device != t.device or b.device != t.device:
+        raise ValueError(f"t, w and b must share dtype and device, got {t.dtype}/{t.device}, "
+                         f"{w.dtype}/{w.device}, {b.dtype}/{b.device}")
+    lo, hi = _bounds(lo, hi)
+    if _use_ext and t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
+        return torch.ops.fastmask.project_linf(t, w, b, lo, hi)
+    return reference.project_linf(t, w, b, lo, hi)
+
+
 def grad_clip_noise_(grads: Sequence[Tensor], max_norm: Optional[float] = None,
                      noise_std: float = 0.0, *, seed: int, offset: int = 0,
                      clip_value: Optional[float] = None, smoothing: Optional[float] = None,
@@ -531,6 +560,10 @@ def _register_extension_kernels() -> None:
     @fake("learned_mask_apply_backward")
     def _(grad, x, logits):
         return logits.new_empty(logits.shape)
+
+    @fake("project_linf")
+    def _(t, w, b, lo, hi):
+        return t.new_empty(t.shape)
 
     @fake("grad_clip_noise_")
     def _(grads, max_norm, noise_std, seed, offset, clip_value, smoothing, state):

@@ -377,3 +377,32 @@ def grad_clip_noise_(grads, max_norm=None, noise_std=0.0, seed=0, offset=0,
         g.copy_(t.to(g.dtype))
         k += g.numel()
     return total.to(torch.float64 if grads[0].dtype == torch.float64 else torch.float32)
+
+
+def project_linf(t, w, b, lo=0.0, hi=1.0):
+    """FAB's L-inf projection (ops.project_linf) by a full sort of the breakpoints: the
+    L-inf-smallest d with <w, t + d> = b and lo <= t + d <= hi, per row (t, w: N x D; b: N).
+
+    With c = <w, t> - b >= 0 (else flip w and b), the best move of L-inf size lam is
+    d_i = -sign(w_i) min(lam, room_i), room_i the distance from t_i to the box face that
+    lowers <w, x>; f(lam) = sum |w_i| min(lam, room_i) is piecewise linear and increasing,
+    so lam solves f(lam) = c on the segment found among the sorted rooms. When no lam
+    reaches c inside the box, d goes all the way to that corner (the original's rule).
+    """
+    c = (w * t).sum(1) - b
+    flip = torch.where(c < 0, -1.0, 1.0).to(t.dtype)
+    w, c = w * flip[:, None], c * flip
+    aw = w.abs()
+    room = torch.where(w > 0, t - lo, hi - t).clamp_(min=0)
+    room_s, order = room.sort(dim=1)
+    aw_s = aw.gather(1, order)
+    mass = aw_s * room_s
+    below = torch.cumsum(mass, 1).sub_(mass)                   # sum_{j<k} |w_j| room_j
+    above = aw_s.flip(1).cumsum(1).flip(1)                     # sum_{j>=k} |w_j|
+    f_k = below + room_s * above                               # f at the k-th breakpoint
+    k = torch.searchsorted(f_k, c[:, None].contiguous()).squeeze(1)   # first breakpoint with f >= c
+    feasible = k < t.shape[1]
+    kk = k.clamp(max=t.shape[1] - 1)[:, None]
+    lam = (c - below.gather(1, kk)[:, 0]) / above.gather(1, kk)[:, 0].clamp_min(1e-30)
+    lam = torch.where(feasible, lam, torch.full_like(lam, float("inf")))
+    return torch.sign(w).neg_().mul_(torch.minimum(lam[:, None], room))  # where w == 0: -0 * step = 0

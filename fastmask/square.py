@@ -73,9 +73,9 @@ def _run(model, x, y, rows, eps, queries, p_init, seed, lo, hi, stats):
     broken = torch.zeros(n, dtype=torch.bool, device=x.device)
     out = x_best.clone()
     idx = torch.arange(n, device=x.device)
-    ar_h = torch.arange(h, device=x.device).view(1, 1, h, 1)
-    ar_w = torch.arange(w, device=x.device).view(1, 1, 1, w)
-    bits = (1 << torch.arange(c, device=x.device)).view(1, c, 1, 1)
+    x_lo, x_hi = (x - eps).flatten(1), (x + eps).flatten(1)  # the ball, once: every proposal is clipped to it
+    chan = (torch.arange(c, device=x.device) * (h * w)).view(1, c, 1)
+    bits = (1 << torch.arange(c, device=x.device)).view(1, c)
     hi_row = int(rows.max()) + 1 if n else 0
     for t in range(queries):
         done = margin <= 0
@@ -83,22 +83,28 @@ def _run(model, x, y, rows, eps, queries, p_init, seed, lo, hi, stats):
             out[idx[done]] = x_best[done]
             broken[idx[done]] = True
             keep = ~done
-            idx, x, y, rows, x_best, margin = (v[keep] for v in (idx, x, y, rows, x_best, margin))
+            idx, y, rows, x_best, margin, x_lo, x_hi = (v[keep] for v in (idx, y, rows, x_best, margin, x_lo, x_hi))
         if idx.numel() == 0:
             break
         s = side(p_selection(t, p_init), h, w, c)
         blk = ops.philox(seed, TAG | (t + 1), 4 * hi_row, device=x.device).view(hi_row, 4)[rows]
-        vh = ((blk[:, 0] * (h - s)) >> 32).view(-1, 1, 1, 1)
-        vw = ((blk[:, 1] * (w - s)) >> 32).view(-1, 1, 1, 1)
-        sign = ((blk[:, 2].view(-1, 1, 1, 1) & bits) != 0).to(x.dtype) * 2 - 1
-        win = (ar_h >= vh) & (ar_h < vh + s) & (ar_w >= vw) & (ar_w < vw + s)  # (n, 1, h, w)
-        x_new = x_best + win.to(x.dtype) * (2 * eps * sign)
-        x_new = torch.minimum(torch.maximum(x_new, x - eps), x + eps).clamp_(lo, hi)
+        vh = (blk[:, 0] * (h - s)) >> 32
+        vw = (blk[:, 1] * (w - s)) >> 32
+        sign = ((blk[:, 2:3] & bits) != 0).to(x.dtype) * 2 - 1  # (n, c)
+        # only the s x s window changes (elsewhere x_best is already inside the ball and [lo, hi]):
+        # its flat indices per sample and channel, so every pass below touches n * c * s * s values
+        sq = torch.arange(s, device=x.device)
+        win = ((vh * w + vw).view(-1, 1, 1) + chan + (sq.view(s, 1) * w + sq).view(1, 1, s * s)).flatten(1)
+        flat = x_best.flatten(1)
+        old = flat.gather(1, win)
+        new = old + (2 * eps * sign).repeat_interleave(s * s, 1)
+        new = torch.minimum(torch.maximum(new, x_lo.gather(1, win)), x_hi.gather(1, win)).clamp_(lo, hi)
+        x_new = flat.clone().scatter_(1, win, new).view_as(x_best)
         m_new = _margin(model, x_new, y)
         stats["queries"] += idx.numel()
         better = (m_new < margin) | (m_new <= 0)  # margin loss: the loss is the margin
         margin = torch.where(better, m_new, margin)
-        x_best = torch.where(better.view(-1, 1, 1, 1), x_new, x_best)
+        flat.scatter_(1, win, torch.where(better.view(-1, 1), new, old))
     if idx.numel():
         done = margin <= 0
         broken[idx[done]] = True

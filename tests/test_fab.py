@@ -4,10 +4,10 @@ determinism, bad input."""
 import pytest
 import torch
 
-from fastmask import attacks, fab, models
+from fastmask import attacks, fab, models, ops, reference
 
 
-def test_projection_hand_case():
+def test_projection_hand_case(backend):
     t = torch.tensor([[0.5, 0.5], [0.9, 0.2]])
     w = torch.tensor([[1.0, 1.0], [1.0, -2.0]])
     b = torch.tensor([0.6, 0.0])
@@ -22,7 +22,7 @@ def _f(lam, t, w, c):  # the decrease of <w, x> reachable with |d|_inf <= lam in
     return (w.abs() * torch.minimum(torch.full_like(room, lam), room)).sum()
 
 
-def test_projection_is_the_smallest_step_inside_the_box():
+def test_projection_is_the_smallest_step_inside_the_box(backend):
     g = torch.Generator().manual_seed(0)
     t = torch.rand(50, 30, generator=g, dtype=torch.float64)
     w = torch.randn(50, 30, generator=g, dtype=torch.float64) * (torch.rand(50, 30, generator=g) > 0.2)
@@ -44,6 +44,46 @@ def test_projection_is_the_smallest_step_inside_the_box():
             lo, hi = (lo, mid) if _f(mid, t[i], ww, c) >= c else (mid, hi)
         assert d[i].abs().max().item() == pytest.approx(hi, abs=1e-9)
     assert 10 < feasible < 50
+
+
+def test_projection_edge_rows(backend):
+    # already on the plane (c = 0): no move; every room 0 or every w 0: nothing can move
+    t = torch.tensor([[0.5, 0.25], [0.0, 1.0], [0.3, 0.7]], dtype=torch.float64)
+    w = torch.tensor([[1.0, -1.0], [1.0, -1.0], [0.0, 0.0]], dtype=torch.float64)
+    b = torch.tensor([0.25, -5.0, 1.0], dtype=torch.float64)
+    d = fab.project_linf(t, w, b)
+    assert d.abs().max() == 0
+    # out of reach in a box [-1, 2]: all the way to the corner that lowers <w, x>
+    d = fab.project_linf(t[:1], w[:1], torch.tensor([-9.0], dtype=torch.float64), -1.0, 2.0)
+    assert d.tolist() == [pytest.approx([-1.5, 1.75])]
+
+
+def test_projection_kernel_matches_the_reference():
+    # FAB-like float32 rows: many t at the box faces (ties among the rooms), some w = 0,
+    # both signs of c, some rows out of reach; the kernel's float64 sums against the sorted
+    # float32 cumsums of the reference
+    if not ops._ext_available:
+        pytest.skip("fastmask._C is not built")
+    g = torch.Generator().manual_seed(1)
+    t = torch.rand(300, 784, generator=g)
+    t[torch.rand(300, 784, generator=g) < 0.5] = 0.0
+    t[torch.rand(300, 784, generator=g) < 0.2] = 1.0
+    w = torch.randn(300, 784, generator=g) * (torch.rand(300, 784, generator=g) > 0.1)
+    b = (w * t).sum(1) + torch.randn(300, generator=g) * torch.logspace(-3, 2.5, 300)
+    d, r = ops.project_linf(t, w, b), reference.project_linf(t, w, b)
+    assert torch.allclose(d, r, rtol=1e-4, atol=1e-5)
+    assert (d[w == 0] == 0).all() and ((t + d) >= 0).all() and ((t + d) <= 1).all()
+    torch.library.opcheck(torch.ops.fastmask.project_linf, (t[:4], w[:4], b[:4], 0.0, 1.0))
+
+
+def test_projection_bad_input():
+    t, w, b = torch.zeros(3, 4), torch.ones(3, 4), torch.zeros(3)
+    with pytest.raises(ValueError, match=r"b must have shape \(3,\), got \(2,\)"):
+        ops.project_linf(t, w, b[:2])
+    with pytest.raises(ValueError, match=r"t and w must be N x D of one shape, got t \(3, 4\) and w \(3, 5\)"):
+        ops.project_linf(t, torch.ones(3, 5), b)
+    with pytest.raises(ValueError, match="t, w and b must share dtype and device"):
+        ops.project_linf(t, w.double(), b)
 
 
 def _setup(n=40, seed=0):

@@ -58,6 +58,35 @@ def test_stripe_start_from_the_philox_layout():
     assert torch.equal(sign, sign[:, :, :1].expand_as(sign))
 
 
+def test_proposal_from_the_philox_layout():
+    # the first proposal of each still-robust sample j: x_best with its s x s window at
+    # (vh, vw) of block j set to x_best + 2 eps * (bit c of w2 ? 1 : -1) in channel c, clipped
+    # to the eps ball and [0, 1]; a 3-channel input, its box edges reached (x up to 1)
+    g = torch.Generator().manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 10))
+    x = torch.rand(12, 3, 16, 16, generator=g)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    rec = _Recorder(model)
+    eps, p_init, seed = 0.1, 0.1, 4
+    S.square(rec, x, y, eps, queries=1, p_init=p_init, seed=seed)
+    start, z0 = rec.calls[1]
+    zo = z0.clone()
+    zo[torch.arange(len(y)), y] = -float("inf")
+    rows = (z0[torch.arange(len(y)), y] > zo.amax(1)).nonzero().squeeze(1)  # still robust at the start
+    assert 3 < rows.numel() and rec.calls[2][0].shape[0] == rows.numel()
+    s = S.side(S.p_selection(0, p_init), 16, 16, 3)
+    blk = ops.philox(seed, S.TAG | 1, 4 * len(y)).view(-1, 4)
+    want = start[rows].clone()
+    for i, j in enumerate(rows.tolist()):
+        vh, vw = (int(blk[j, 0]) * (16 - s)) >> 32, (int(blk[j, 1]) * (16 - s)) >> 32
+        for c in range(3):
+            v = want[i, c, vh:vh + s, vw:vw + s] + 2 * eps * (1.0 if int(blk[j, 2]) >> c & 1 else -1.0)
+            xc = x[j, c, vh:vh + s, vw:vw + s]
+            want[i, c, vh:vh + s, vw:vw + s] = torch.minimum(torch.maximum(v, xc - eps), xc + eps).clamp(0, 1)
+    assert torch.equal(rec.calls[2][0], want)
+
+
 def test_ball_range_determinism_and_strength():
     model, x, y = _setup()
     a = S.square(model, x, y, 0.05, queries=100, seed=1)
