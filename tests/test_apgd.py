@@ -7,6 +7,8 @@ import torch
 from fastmask import apgd as A
 from fastmask import attacks, losses, models, ops
 
+from attack_points import mlp_points
+
 
 def test_checkpoints_are_the_papers_schedule():
     # p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)
@@ -60,13 +62,7 @@ def test_improved_marks_new_best_points():
 
 
 def _setup(n=48, seed=0):
-    model = models.build("mlp", seed=seed).eval()
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 1, 28, 28, generator=g)
-    with torch.no_grad():
-        y = model(x).argmax(1)
-    y[:5] = (y[:5] + 1) % 10  # five points misclassified from the start
-    return model, x, y
+    return mlp_points(n, seed, wrong=5)  # five points misclassified from the start
 
 
 def _acc(model, x, y):

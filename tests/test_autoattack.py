@@ -7,15 +7,11 @@ import torch
 from fastmask import attacks, models
 from fastmask import autoattack as AA
 
+from attack_points import mlp_points
+
 
 def _setup(n=40, seed=0, mask=None):
-    model = models.build("mlp", mask, seed=seed).eval()
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 1, 28, 28, generator=g)
-    with torch.no_grad():
-        y = models.build("mlp", seed=seed).eval()(x).argmax(1)
-    y[:4] = (y[:4] + 1) % 10
-    return model, x, y
+    return mlp_points(n, seed, mask=mask)
 
 
 def _acc(model, x, y):

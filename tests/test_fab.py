@@ -4,7 +4,9 @@ determinism, bad input."""
 import pytest
 import torch
 
-from fastmask import attacks, fab, models, ops, reference
+from fastmask import attacks, fab, ops, reference
+
+from attack_points import mlp_points
 
 
 def test_projection_hand_case(backend):
@@ -87,13 +89,7 @@ def test_projection_bad_input():
 
 
 def _setup(n=40, seed=0):
-    model = models.build("mlp", seed=seed).eval()
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 1, 28, 28, generator=g)
-    with torch.no_grad():
-        y = model(x).argmax(1)
-    y[:4] = (y[:4] + 1) % 10
-    return model, x, y
+    return mlp_points(n, seed)
 
 
 def test_fab_targeted_contracts():

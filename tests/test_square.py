@@ -3,8 +3,10 @@ ball and range, determinism, and that only still-robust samples are queried."""
 import pytest
 import torch
 
-from fastmask import attacks, models, ops
+from fastmask import attacks, ops
 from fastmask import square as S
+
+from attack_points import mlp_points
 
 
 def test_p_schedule_is_the_originals():
@@ -18,13 +20,7 @@ def test_p_schedule_is_the_originals():
 
 
 def _setup(n=40, seed=0):
-    model = models.build("mlp", seed=seed).eval()
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 1, 28, 28, generator=g) * 0.5 + 0.25  # away from [0, 1]: stripes are not clamped
-    with torch.no_grad():
-        y = model(x).argmax(1)
-    y[:3] = (y[:3] + 1) % 10
-    return model, x, y
+    return mlp_points(n, seed, wrong=3, scale=0.5, shift=0.25)  # away from [0, 1]: stripes are not clamped
 
 
 class _Recorder(torch.nn.Module):

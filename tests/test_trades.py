@@ -11,17 +11,21 @@ from fastmask.train import TrainConfig, mart_loss, trades_example, trades_loss, 
 from idx_data import write_idx
 from test_train import toy_data, weights
 
+# the hand cases of the TRADES and MART losses: two points, three classes
+NAT = [[2.0, -1.0, 0.5], [0.0, 0.3, -0.2]]
+ADV = [[0.5, 0.2, 0.1], [1.0, -0.5, 0.4]]
+Y = [0, 2]
+BETA = 6.0
+
+
+def softmax(z):
+    e = [math.exp(v) for v in z]
+    return [v / sum(e) for v in e]
+
 
 def test_trades_loss_by_hand():
     """CE(f(x), y) + beta * sum_i KL(p_i || q_i) / batch, p = softmax(f(x)), q = softmax(f(x'))."""
-    nat = [[2.0, -1.0, 0.5], [0.0, 0.3, -0.2]]
-    adv = [[0.5, 0.2, 0.1], [1.0, -0.5, 0.4]]
-    y = [0, 2]
-    beta = 6.0
-
-    def softmax(z):
-        e = [math.exp(v) for v in z]
-        return [v / sum(e) for v in e]
+    nat, adv, y, beta = NAT, ADV, Y, BETA
     ce = sum(-math.log(softmax(z)[t]) for z, t in zip(nat, y)) / 2
     kl = sum(pi * math.log(pi / qi) for zn, za in zip(nat, adv)
              for pi, qi in zip(softmax(zn), softmax(za))) / 2
@@ -175,14 +179,7 @@ def test_adv_val_keeps_the_best_epoch():
 
 def test_mart_loss_by_hand():
     """BCE(f(x'), y) + beta * mean_i KL(p_i || q_i) * (1 - p_i[y_i]), with the original's constants."""
-    nat = [[2.0, -1.0, 0.5], [0.0, 0.3, -0.2]]
-    adv = [[0.5, 0.2, 0.1], [1.0, -0.5, 0.4]]
-    y = [0, 2]
-    beta = 6.0
-
-    def softmax(z):
-        e = [math.exp(v) for v in z]
-        return [v / sum(e) for v in e]
+    nat, adv, y, beta = NAT, ADV, Y, BETA
     total = 0.0
     for zn, za, t in zip(nat, adv, y):
         p, q = softmax(zn), softmax(za)
