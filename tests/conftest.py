@@ -17,3 +17,14 @@ def backend(request, monkeypatch):
         pytest.skip("fastmask._C is not built or FASTMASK_DISABLE_EXT=1 (the 'ref' variant runs)")
     monkeypatch.setattr(ops, "_use_ext", request.param == "ext")
     return request.param
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    """The real MNIST splits (fastmask.data.load("mnist")); the test skips when no source is installed."""
+    from fastmask import data as D
+
+    try:
+        return D.load("mnist")
+    except D.DataError as e:
+        pytest.skip(f"no MNIST: {e}")

@@ -126,14 +126,9 @@ def test_attack_verify_catches_a_wrong_attack():
         bench_attacks.verify("eager", one_sample, ref, x, "pgd")
 
 
-def test_compare_autoattack_tiny_run(tmp_path):
+def test_compare_autoattack_tiny_run(tmp_path, mnist):
     pytest.importorskip("torchattacks")
     from benchmarks import compare_autoattack as C
-    from fastmask import data as D
-    try:
-        D.load("mnist")
-    except D.DataError as e:
-        pytest.skip(f"no MNIST: {e}")
     out = tmp_path / "aa.md"
     rows = C.main(["--n", "8", "--steps", "2", "--queries", "3", "--models", "cnn_pgd3", "--eps", "0.3",
                    "--out", str(out)])

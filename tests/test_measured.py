@@ -13,12 +13,8 @@ MEASURED = Path(__file__).resolve().parent.parent / "docs" / "measured"
 
 
 @pytest.fixture(scope="module")
-def mnist_test():
-    try:
-        d = D.load("mnist")
-    except D.DataError as e:
-        pytest.skip(f"no MNIST: {e}")
-    return D.to_float(d.x_test), d.y_test
+def mnist_test(mnist):
+    return D.to_float(mnist.x_test), mnist.y_test
 
 
 @pytest.mark.parametrize("name, clean_min, pgd_min", [

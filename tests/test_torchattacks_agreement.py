@@ -21,11 +21,8 @@ N, EPS, STEPS, QUERIES = 64, 0.3, 10, 100
 
 
 @pytest.fixture(scope="module")
-def setup():
-    try:
-        d = D.load("mnist")
-    except D.DataError as e:
-        pytest.skip(f"no MNIST: {e}")
+def setup(mnist):
+    d = mnist
     model = M.load(MEASURED / "cnn_pgd3.pt").eval()
     return model, D.to_float(d.x_test[:N]), d.y_test[:N]
 

@@ -168,15 +168,12 @@ def test_adv_training_changes_the_model():
 
 
 @pytest.mark.slow
-def test_baseline_converges_on_real_mnist():
+def test_baseline_converges_on_real_mnist(mnist):
     """The default reproduce config: the baseline MLP reaches >= 97 % test accuracy
     and FGSM at eps = 0.3 brings it below 50 %."""
     from fastmask.attacks import fgsm
     from fastmask.pipeline import TRAIN_PRESETS as PRESETS
-    try:
-        d = D.load("mnist")
-    except D.DataError as e:
-        pytest.skip(f"no MNIST: {e}")
+    d = mnist
     p = PRESETS["default"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as `fastmask reproduce` runs by default
