@@ -207,6 +207,8 @@ def build_parser():
                    "batch collapses (catastrophic overfitting); keeps the best epoch")
     t.add_argument("--lr-schedule", choices=("constant", "cyclic"), default="constant",
                    help="cyclic: per step 0 -> lr at 2/5 of the epochs -> 0 (Wong et al. 2020)")
+    t.add_argument("--save-epochs", action="store_true",
+                   help="also write DIR/epochs/epoch_K.pt after every epoch (a CPU-time curve)")
     t.add_argument("--train-subset", type=positive_int, help="use only the first N training images")
 
     e = sub.add_parser("evaluate", help="honest robustness evaluation of checkpoints (every attack, checks, tests)")
@@ -431,10 +433,16 @@ def cmd_train(args):
     say = (lambda *a: None) if args.quiet else print
     say(f"training {args.model} on {args.dataset} {data.sizes()} (mask {mask}, grad {grad or None}, "
         f"adv {args.adv_train})")
-    info = train(model, data, tcfg, progress=sys.stderr.isatty() and not args.quiet, log=say)
-    path = Path(args.out) / "model.pt"
     config = {"model": args.model, "dataset": args.dataset, "mask": mask, "train": tcfg.to_dict(),
               "subset": data.subset, "split_seed": data.split_seed}
+    snapshot = None
+    if args.save_epochs and distributed.is_main():
+        def snapshot(epoch, net, history):  # each epoch's weights, before any early-stopping restore
+            cpu = sum(r["cpu_time"] for r in history)
+            M.save(Path(args.out) / "epochs" / f"epoch_{epoch:03d}.pt", net, config, data.sha256,
+                   extra={"history": list(history), "train_cpu_time": cpu, "epoch": epoch})
+    info = train(model, data, tcfg, progress=sys.stderr.isatty() and not args.quiet, log=say, on_epoch=snapshot)
+    path = Path(args.out) / "model.pt"
     if distributed.is_main():  # under torchrun, rank 0 writes
         M.save(path, model, config, data.sha256, extra=info)
     say(f"val acc {info['history'][-1]['val_acc']:.4f}; wrote {path}")

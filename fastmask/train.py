@@ -223,10 +223,12 @@ def val_pgd_acc(model, x, y, eps, steps, seed):
     return (predict(model, x_adv) == y).double().mean().item()
 
 
-def train(model, data, cfg, progress=False, log=None):
+def train(model, data, cfg, progress=False, log=None, on_epoch=None):
     """Train `model` on data.x_train with cfg (TrainConfig or dict). Returns a dict with the
     per-epoch history (loss, train_acc on the masked batches, val metrics, wall time, process CPU
-    time), train_time (wall) and train_cpu_time (CPU; robust to other load on a shared machine)."""
+    time), train_time (wall) and train_cpu_time (CPU; robust to other load on a shared machine).
+    on_epoch(epoch, model, history), if given, is called after each epoch's checks with the model
+    as that epoch left it (e.g. to save a snapshot for a robustness-vs-CPU-time curve)."""
     if isinstance(cfg, dict):
         cfg = TrainConfig(**cfg)
     from . import distributed  # under torchrun: DDP, each rank a contiguous part of every global batch
@@ -314,6 +316,8 @@ def train(model, data, cfg, progress=False, log=None):
                 best_val, best_val_state = acc, {k: v.clone() for k, v in model.state_dict().items()}
                 best_val_epoch = epoch
         history.append(row)
+        if on_epoch is not None:
+            on_epoch(epoch, model, history)
         if log is not None:
             log(f"  epoch {epoch}: loss {row['loss']:.4f} train acc {row['train_acc']:.4f} "
                 f"val acc {row['val_acc']:.4f} ({dt:.1f} s)"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastmask import cli, data as D, report
+from fastmask import cli, data as D, models as M, report
 from fastmask.pipeline import DEFAULT_ROWS, ReproduceConfig, run_reproduce
 from idx_data import write_idx
 
@@ -101,6 +101,28 @@ def test_cli_train_and_attack(tmp_path, capsys):
     assert res["n"] == 40 and res["eps"] == [0.05, 0.3]
     assert 0 <= res["fgsm"][1] <= res["clean_accuracy"] and res["clean_accuracy"] > 0.5
     assert not math.isnan(res["pgd"][0])
+
+
+def test_cli_train_save_epochs_writes_each_epochs_weights(tmp_path):
+    """--save-epochs: DIR/epochs/epoch_K.pt holds the weights epoch K left (the last one is the
+    final model when nothing restores an earlier epoch) and the training CPU time up to K."""
+    write_idx(tmp_path / "data", 300, 60)
+    out = tmp_path / "run"
+    rc = cli.main(["train", "--data-dir", str(tmp_path / "data"), "--out", str(out), "--epochs", "3",
+                   "--batch-size", "100", "--save-epochs", "--quiet", "--threads", "1"])
+    assert rc == 0
+    snaps = sorted((out / "epochs").glob("epoch_*.pt"))
+    assert [p.name for p in snaps] == ["epoch_001.pt", "epoch_002.pt", "epoch_003.pt"]
+    final, fblob = M.load(out / "model.pt", with_meta=True)
+    blobs = [M.load(p, with_meta=True) for p in snaps]
+    states = [m.state_dict() for m, _ in blobs]
+    w = "net.1.weight"  # the MLP's first Linear
+    assert not torch.equal(states[0][w], states[1][w]) and not torch.equal(states[1][w], states[2][w])
+    assert all(torch.equal(states[2][k], v) for k, v in final.state_dict().items())
+    cpu = [b["extra"]["train_cpu_time"] for _, b in blobs]
+    assert [b["extra"]["epoch"] for _, b in blobs] == [1, 2, 3]
+    assert 0 < cpu[0] < cpu[1] < cpu[2] and cpu[2] == pytest.approx(fblob["extra"]["train_cpu_time"])
+    assert blobs[0][1]["config"] == fblob["config"]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -1,0 +1,127 @@
+"""Robust accuracy under AutoAttack-standard against training CPU minutes (issue 15's curve).
+
+Each checkpoint (a run's final DIR/model.pt, or the DIR/epochs/epoch_K.pt snapshots that
+`fastmask train --save-epochs` writes) is attacked by fastmask's AutoAttack-standard cascade
+on MNIST test images start..start+n-1 at L-inf eps; its x value is the CPU time of the
+training loop that produced it (the checkpoint's extra["train_cpu_time"]). One result per
+(checkpoint sha256, n, start, eps, seed) is kept in the --db JSON, written after each
+checkpoint, so a killed run resumes where it stopped and adding a checkpoint costs only
+that checkpoint. --figure draws every run in the db (one line per run folder; `--label
+RUN=NAME` renames one) and --table prints the Markdown table.
+
+    .venv/bin/python scripts/aa_curve.py runs/trades3_b6_e13_s0/epochs/*.pt --n 200 \\
+        --db docs/measured/aa_curve.json
+    .venv/bin/python scripts/aa_curve.py --db docs/measured/aa_curve.json \\
+        --figure docs/figures/aa_vs_cpu_minutes.png --table
+"""
+import argparse
+import fcntl
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fastmask import autoattack as AA, data as D, models as M, stats
+from fastmask.data import atomic_write_bytes
+
+
+def run_name(path):
+    """The run folder a checkpoint belongs to (DIR for DIR/model.pt and DIR/epochs/epoch_K.pt)."""
+    p = Path(path).resolve()
+    return p.parent.parent.name if p.parent.name == "epochs" else p.parent.name
+
+
+def measure(path, x, y, eps, seed):
+    model, blob = M.load(path, with_meta=True)
+    model.eval()
+    extra = blob.get("extra") or {}
+    if "train_cpu_time" not in extra:
+        raise SystemExit(f"aa_curve: {path} records no train_cpu_time (not written by fastmask train)")
+    c0 = time.process_time()
+    _, rep = AA.autoattack(model, x, y, eps, version="standard", seed=seed)
+    hist = extra.get("history") or []
+    return {"run": run_name(path), "checkpoint": str(path), "epoch": extra.get("epoch", len(hist)),
+            "train_cpu_min": extra["train_cpu_time"] / 60, "clean": rep["clean"]["mean"],
+            "robust": rep["robust"]["mean"], "stages": {e["name"]: e["robust"]["mean"] for e in rep["attacks"]},
+            "flags": rep.get("flags", []), "attack_cpu_s": time.process_time() - c0}
+
+
+def table(rows):
+    lines = ["| run | epoch | training CPU min | n | clean | AutoAttack robust (95 % Wilson) | flags |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["run"], r["train_cpu_min"])):
+        lo, hi = stats.wilson(round(r["robust"] * r["n"]), r["n"])
+        lines.append(f"| {r['run']} | {r['epoch']} | {r['train_cpu_min']:.1f} | {r['n']} | {r['clean']:.1%} | "
+                     f"{r['robust']:.1%} ({lo:.1%}–{hi:.1%}) | {', '.join(r['flags']) or 'none'} |")
+    return "\n".join(lines)
+
+
+def figure(rows, path, labels):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for run in sorted({r["run"] for r in rows}):
+        pts = sorted((r for r in rows if r["run"] == run), key=lambda r: r["train_cpu_min"])
+        ax.plot([r["train_cpu_min"] for r in pts], [100 * r["robust"] for r in pts], "o-", ms=4,
+                label=labels.get(run, run) + f" (n {pts[-1]['n']})")
+    ax.axhline(89, color="grey", ls="--", lw=1)
+    ax.axhline(88.5, color="grey", ls=":", lw=1)
+    ax.axvline(30, color="grey", ls="--", lw=1)
+    ax.text(0.5, 89.3, "target 89 %", fontsize=8, color="grey")
+    ax.text(0.5, 87.7, "Madry et al. 88.5 %", fontsize=8, color="grey")
+    ax.set_xlabel("training CPU minutes (this 2-core machine)")
+    ax.set_ylabel("robust accuracy under AutoAttack-standard (%)")
+    ax.set_title("MNIST CNN, L-inf eps 0.3, first test images")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("checkpoints", nargs="*")
+    ap.add_argument("--db", required=True, help="JSON file of results (read, extended, rewritten)")
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--start", type=int, default=0)
+    ap.add_argument("--eps", type=float, default=0.3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--figure")
+    ap.add_argument("--label", action="append", default=[], metavar="RUN=NAME")
+    ap.add_argument("--table", action="store_true")
+    a = ap.parse_args(argv)
+    if a.n < 1 or a.start < 0 or a.eps < 0:
+        ap.error(f"--n must be >= 1, --start >= 0 and --eps >= 0, got {a.n}, {a.start}, {a.eps}")
+    torch.set_num_threads(a.threads)
+    db = Path(a.db)
+    rows = json.loads(db.read_text()) if db.exists() else []
+    if a.checkpoints:
+        d = D.load("mnist")
+        x, y = D.to_float(d.x_test[a.start:a.start + a.n]), d.y_test[a.start:a.start + a.n]
+    for path in a.checkpoints:
+        key = {"sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(), "n": a.n, "start": a.start,
+               "eps": a.eps, "seed": a.seed}
+        if any(all(r.get(k) == v for k, v in key.items()) for r in rows):
+            continue
+        r = {**measure(path, x, y, a.eps, a.seed), **key}
+        print(json.dumps(r), flush=True)
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with open(db.with_name(db.name + ".lock"), "w") as lock:  # two processes (one per core) may share a db
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            rows = json.loads(db.read_text()) if db.exists() else []
+            rows.append(r)
+            atomic_write_bytes(db, (json.dumps(rows, indent=1) + "\n").encode())
+    if a.table:
+        print(table(rows))
+    if a.figure:
+        figure(rows, a.figure, dict(s.split("=", 1) for s in a.label))
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)

@@ -1,0 +1,56 @@
+"""scripts/aa_curve.py: AutoAttack robust accuracy against training CPU minutes, cached per
+checkpoint so that a killed or extended run never redoes a finished point."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from fastmask import models as M
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("aa_curve", ROOT / "scripts" / "aa_curve.py")
+aa_curve = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(aa_curve)
+
+
+def snapshot(path, cpu_s, epoch, seed=0):
+    model = M.build("cnn", seed=seed)
+    M.save(path, model, {"model": "cnn"}, "no-data", extra={"history": [], "train_cpu_time": cpu_s, "epoch": epoch})
+    return path
+
+
+def test_curve_points_are_measured_once_and_drawn(tmp_path, mnist, monkeypatch):
+    a = snapshot(tmp_path / "runA" / "epochs" / "epoch_001.pt", 90.0, 1)
+    b = snapshot(tmp_path / "runA" / "model.pt", 180.0, 2, seed=1)
+    db = tmp_path / "curve.json"
+    rows = aa_curve.main([str(a), str(b), "--n", "6", "--db", str(db)])
+    assert len(rows) == 2 and json.loads(db.read_text()) == rows
+    r = {row["checkpoint"]: row for row in rows}
+    assert r[str(a)]["run"] == r[str(b)]["run"] == "runA"
+    assert r[str(a)]["train_cpu_min"] == 1.5 and r[str(b)]["train_cpu_min"] == 3.0
+    for row in rows:
+        assert 0 <= row["robust"] <= row["clean"] and row["n"] == 6 and row["eps"] == 0.3
+        assert list(row["stages"]) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+
+    def no_attack(*args, **kwargs):
+        raise AssertionError("a point already in the db was attacked again")
+    monkeypatch.setattr(aa_curve, "measure", no_attack)
+    assert aa_curve.main([str(a), str(b), "--n", "6", "--db", str(db)]) == rows
+    with pytest.raises(AssertionError, match="attacked again"):  # other images: a new point
+        aa_curve.main([str(a), "--n", "6", "--start", "6", "--db", str(db)])
+    monkeypatch.undo()
+
+    fig = tmp_path / "curve.png"
+    aa_curve.main(["--db", str(db), "--figure", str(fig), "--label", "runA=TRADES"])
+    assert fig.stat().st_size > 0
+    assert "| runA | 1 | 1.5 | 6 |" in aa_curve.table(rows)
+
+
+def test_a_checkpoint_without_training_time_is_refused(tmp_path, mnist):
+    path = tmp_path / "plain.pt"
+    M.save(path, M.build("cnn"), {"model": "cnn"}, "no-data")
+    with pytest.raises(SystemExit, match="records no train_cpu_time"):
+        aa_curve.main([str(path), "--n", "2", "--db", str(tmp_path / "c.json")])
+    with pytest.raises(SystemExit):
+        aa_curve.main(["--n", "0", "--db", str(tmp_path / "c.json")])
