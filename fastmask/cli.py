@@ -178,6 +178,8 @@ def build_parser():
     t.add_argument("--batch-size", type=positive_int, default=128)
     t.add_argument("--lr", type=positive_float, default=1e-3)
     t.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    t.add_argument("--no-fused-optimizer", dest="fused", action="store_false",
+                   help="torch's per-op optimizer loop instead of its fused kernel (the bits of runs before session 7)")
     t.add_argument("--mask-ratio", type=ratio, default=0.0)
     t.add_argument("--mask-scope", choices=("sample", "fixed"), default="sample",
                    help="sample: a fresh random mask per image and step; fixed: one mask for all")
@@ -413,7 +415,7 @@ def cmd_train(args):
         raise CliError(f"fastmask train: argument --adv-val: {args.adv_val} needs --adv-train")
     grad = {k: v for k, v in (("max_norm", args.max_norm), ("noise_std", args.noise_std)) if v}
     tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-                       seed=args.seed, grad=grad, adv_train=args.adv_train, adv_eps=args.adv_eps,
+                       fused=args.fused, seed=args.seed, grad=grad, adv_train=args.adv_train, adv_eps=args.adv_eps,
                        adv_alpha=args.adv_alpha, adv_steps=args.adv_steps, adv_check=args.adv_check,
                        lr_schedule=args.lr_schedule, trades_beta=args.trades_beta, adv_val=args.adv_val,
                        adv_val_steps=args.adv_val_steps)

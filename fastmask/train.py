@@ -84,12 +84,15 @@ class TrainConfig:
     trades_beta: float = 6.0    # trades and mart: weight of the KL term
     adv_val: int = 0            # > 0: keep the epoch with the best PGD accuracy on this many validation images
     adv_val_steps: int = 10     # steps of that PGD check
+    fused: bool = True          # torch's fused Adam / SGD kernel (one pass per tensor); False: its per-op loop
 
     def __post_init__(self):
         for k in ("epochs", "batch_size", "eval_batch", "adv_steps", "adv_val_steps"):
             C.field(C.positive_int, k, getattr(self, k))
         C.field(C.positive, "lr", self.lr)
         C.field(C.choice, "optimizer", self.optimizer, OPTIMIZERS)
+        if not isinstance(self.fused, bool):
+            raise ValueError(f"fused={self.fused!r} must be True or False")
         C.field(C.choice, "adv_train", self.adv_train, ADV_TRAIN)
         if self.adv_train and not self.adv_eps > 0:
             raise ValueError(f"adv_eps={self.adv_eps!r} must be > 0 for adversarial training")
@@ -127,9 +130,16 @@ def validate(model, x, y, batch_size=1000):
 
 # ---------------------------------------------------------------- training
 def make_optimizer(model, cfg):
+    """Adam or SGD over the model's parameters. cfg.fused picks torch's fused kernel (CPU and
+    CUDA): besides being one pass, its cost does not depend on the values, while the per-op
+    Adam's sqrt runs several times slower on the exact zeros a mask leaves in its second
+    moments (pixels that never reach the first layer), which made masked steps look dearer
+    than the mask (benchmarks/RESULTS.md, issue 17)."""
+    params = list(model.parameters())
+    fused = cfg.fused and all(p.device.type in ("cpu", "cuda") for p in params) or None
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused)
 
 
 def default_alpha(eps, steps):

@@ -109,7 +109,7 @@ def test_cli_train_save_epochs_writes_each_epochs_weights(tmp_path):
     write_idx(tmp_path / "data", 300, 60)
     out = tmp_path / "run"
     rc = cli.main(["train", "--data-dir", str(tmp_path / "data"), "--out", str(out), "--epochs", "3",
-                   "--batch-size", "100", "--save-epochs", "--quiet", "--threads", "1"])
+                   "--batch-size", "100", "--save-epochs", "--no-fused-optimizer", "--quiet", "--threads", "1"])
     assert rc == 0
     snaps = sorted((out / "epochs").glob("epoch_*.pt"))
     assert [p.name for p in snaps] == ["epoch_001.pt", "epoch_002.pt", "epoch_003.pt"]
@@ -122,7 +122,7 @@ def test_cli_train_save_epochs_writes_each_epochs_weights(tmp_path):
     cpu = [b["extra"]["train_cpu_time"] for _, b in blobs]
     assert [b["extra"]["epoch"] for _, b in blobs] == [1, 2, 3]
     assert 0 < cpu[0] < cpu[1] < cpu[2] and cpu[2] == pytest.approx(fblob["extra"]["train_cpu_time"])
-    assert blobs[0][1]["config"] == fblob["config"]
+    assert blobs[0][1]["config"] == fblob["config"] and fblob["config"]["train"]["fused"] is False
 
 
 @pytest.mark.parametrize("argv, message", [
