@@ -189,7 +189,8 @@ def main(argv=None):
                 ta_runs.append(timed(lambda: torchattacks_cascade(model, x, y, eps, a.steps, a.queries, a.seed,
                                                                   a.fab)) if a.torchattacks else NOT_RUN)
             fm, ta = fm_runs[0][0], ta_runs[0][0]
-            row = {"model": mname, "eps": eps, "n": a.n, "clean": fm["clean"], "stages": []}
+            row = {"model": mname, "eps": eps, "n": a.n, "start": a.start, "seed": a.seed, "steps": a.steps,
+                   "queries": a.queries, "clean": fm["clean"], "stages": []}
             for (name, r_fm, s_fm, cost), (name2, r_ta, s_ta, _) in zip(fm["stages"], ta["stages"]
                                                                         or [(n, None, None, None)
                                                                             for n, *_ in fm["stages"]]):

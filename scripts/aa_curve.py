@@ -6,8 +6,11 @@ on MNIST test images start..start+n-1 at L-inf eps; its x value is the CPU time 
 training loop that produced it (the checkpoint's extra["train_cpu_time"]). One result per
 (checkpoint sha256, n, start, eps, seed) is kept in the --db JSON, written after each
 checkpoint, so a killed run resumes where it stopped and adding a checkpoint costs only
-that checkpoint. --figure draws every run in the db (one line per run folder; `--label
-RUN=NAME` renames one) and --table prints the Markdown table.
+that checkpoint. `--add-compare JSON` takes the fastmask side of a finished
+`benchmarks.compare_autoattack --models CHECKPOINT` run (the same cascade) instead of
+attacking again; only full-length runs (100 steps, 5000 queries) are taken. --figure
+draws every run in the db (one line per run folder; `--label RUN=NAME` renames one) and
+--table prints the Markdown table.
 
     .venv/bin/python scripts/aa_curve.py runs/trades3_b6_e13_s0/epochs/*.pt --n 200 \\
         --db docs/measured/aa_curve.json
@@ -26,6 +29,9 @@ import torch
 
 from fastmask import autoattack as AA, data as D, models as M, stats
 from fastmask.data import atomic_write_bytes
+
+
+KEY = ("sha256", "n", "start", "eps", "seed")  # one result per checkpoint, images, eps and seed
 
 
 def run_name(path):
@@ -47,6 +53,30 @@ def measure(path, x, y, eps, seed):
             "train_cpu_min": extra["train_cpu_time"] / 60, "clean": rep["clean"]["mean"],
             "robust": rep["robust"]["mean"], "stages": {e["name"]: e["robust"]["mean"] for e in rep["attacks"]},
             "flags": rep.get("flags", []), "attack_cpu_s": time.process_time() - c0}
+
+
+def from_compare(path):
+    """db rows from the JSON of a benchmarks.compare_autoattack run on fastmask checkpoints."""
+    out = []
+    for r in json.loads(Path(path).read_text()):
+        if (r.get("steps", 100), r.get("queries", 5000)) != (100, 5000):
+            raise SystemExit(f"aa_curve: {path} ran {r.get('steps')} steps / {r.get('queries')} queries, "
+                             "not AutoAttack-standard's 100 / 5000")
+        ck = Path(r["model"])
+        if not ck.is_file():
+            raise SystemExit(f"aa_curve: {path} names {r['model']!r}, not a checkpoint file here")
+        _, blob = M.load(ck, with_meta=True)
+        extra = blob.get("extra") or {}
+        if "train_cpu_time" not in extra:
+            raise SystemExit(f"aa_curve: {ck} records no train_cpu_time (not written by fastmask train)")
+        stages = {s["attack"]: s["fastmask"] for s in r["stages"]}
+        epoch = extra.get("epoch", len(extra.get("history", [])))
+        out.append({"run": run_name(ck), "checkpoint": str(ck), "epoch": epoch,
+                    "train_cpu_min": extra["train_cpu_time"] / 60, "clean": r["clean"],
+                    "robust": r["stages"][-1]["fastmask"], "stages": stages, "flags": [],
+                    "attack_cpu_s": r.get("fastmask_cpu_s"), "sha256": hashlib.sha256(ck.read_bytes()).hexdigest(),
+                    "n": r["n"], "start": r.get("start", 0), "eps": r["eps"], "seed": r.get("seed", 0)})
+    return out
 
 
 def table(rows):
@@ -91,6 +121,8 @@ def main(argv=None):
     ap.add_argument("--eps", type=float, default=0.3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--add-compare", action="append", default=[], metavar="JSON",
+                    help="rows from a benchmarks.compare_autoattack JSON (its fastmask side)")
     ap.add_argument("--figure")
     ap.add_argument("--label", action="append", default=[], metavar="RUN=NAME")
     ap.add_argument("--table", action="store_true")
@@ -104,8 +136,7 @@ def main(argv=None):
         d = D.load("mnist")
         x, y = D.to_float(d.x_test[a.start:a.start + a.n]), d.y_test[a.start:a.start + a.n]
     for path in a.checkpoints:
-        key = {"sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(), "n": a.n, "start": a.start,
-               "eps": a.eps, "seed": a.seed}
+        key = dict(zip(KEY, (hashlib.sha256(Path(path).read_bytes()).hexdigest(), a.n, a.start, a.eps, a.seed)))
         if any(all(r.get(k) == v for k, v in key.items()) for r in rows):
             continue
         r = {**measure(path, x, y, a.eps, a.seed), **key}
@@ -115,6 +146,14 @@ def main(argv=None):
             fcntl.flock(lock, fcntl.LOCK_EX)
             rows = json.loads(db.read_text()) if db.exists() else []
             rows.append(r)
+            atomic_write_bytes(db, (json.dumps(rows, indent=1) + "\n").encode())
+    for path in a.add_compare:
+        new = from_compare(path)
+        with open(db.with_name(db.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            rows = json.loads(db.read_text()) if db.exists() else []
+            keys = [{k: r.get(k) for k in KEY} for r in rows]
+            rows += [r for r in new if {k: r[k] for k in KEY} not in keys]
             atomic_write_bytes(db, (json.dumps(rows, indent=1) + "\n").encode())
     if a.table:
         print(table(rows))

@@ -54,3 +54,23 @@ def test_a_checkpoint_without_training_time_is_refused(tmp_path, mnist):
         aa_curve.main([str(path), "--n", "2", "--db", str(tmp_path / "c.json")])
     with pytest.raises(SystemExit):
         aa_curve.main(["--n", "0", "--db", str(tmp_path / "c.json")])
+
+
+def test_a_finished_compare_run_is_taken_not_attacked_again(tmp_path, mnist, monkeypatch):
+    ck = snapshot(tmp_path / "runB" / "model.pt", 600.0, 9)
+    row = {"model": str(ck), "eps": 0.3, "n": 500, "start": 0, "seed": 0, "steps": 100, "queries": 5000,
+           "clean": 0.98, "fastmask_cpu_s": 900.0,
+           "stages": [{"attack": a, "fastmask": v} for a, v in
+                      (("apgd-ce", 0.9), ("apgd-t", 0.89), ("fab-t", 0.89), ("square", 0.85))]}
+    (tmp_path / "cmp.json").write_text(json.dumps([row]))
+    monkeypatch.setattr(aa_curve, "measure", None)  # no attack may run
+    db = tmp_path / "curve.json"
+    for _ in range(2):  # the second time adds nothing
+        rows = aa_curve.main(["--db", str(db), "--add-compare", str(tmp_path / "cmp.json")])
+    assert len(rows) == 1
+    r = rows[0]
+    assert (r["run"], r["train_cpu_min"], r["robust"], r["n"], r["epoch"]) == ("runB", 10.0, 0.85, 500, 9)
+    assert r["stages"]["apgd-t"] == 0.89
+    (tmp_path / "short.json").write_text(json.dumps([{**row, "steps": 10}]))
+    with pytest.raises(SystemExit, match="not AutoAttack-standard"):
+        aa_curve.main(["--db", str(db), "--add-compare", str(tmp_path / "short.json")])
