@@ -73,19 +73,25 @@ def from_compare(path):
         epoch = extra.get("epoch", len(extra.get("history", [])))
         out.append({"run": run_name(ck), "checkpoint": str(ck), "epoch": epoch,
                     "train_cpu_min": extra["train_cpu_time"] / 60, "clean": r["clean"],
-                    "robust": r["stages"][-1]["fastmask"], "stages": stages, "flags": [],
+                    "robust": r["stages"][-1]["fastmask"], "stages": stages,
+                    "flags": [f for f in [AA.square_flag(stages)] if f],
                     "attack_cpu_s": r.get("fastmask_cpu_s"), "sha256": hashlib.sha256(ck.read_bytes()).hexdigest(),
                     "n": r["n"], "start": r.get("start", 0), "eps": r["eps"], "seed": r.get("seed", 0)})
     return out
 
 
-def table(rows):
-    lines = ["| run | epoch | training CPU min | n | clean | AutoAttack robust (95 % Wilson) | flags |",
-             "|---|---|---|---|---|---|---|"]
+def table(rows, labels=None):
+    labels = labels or {}
+    lines = ["| run | epoch | training CPU min | n | clean | after APGD-CE / APGD-T / FAB-T / Square | "
+             "robust (95 % Wilson) | Square below the white-box attacks |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["run"], r["train_cpu_min"])):
         lo, hi = stats.wilson(round(r["robust"] * r["n"]), r["n"])
-        lines.append(f"| {r['run']} | {r['epoch']} | {r['train_cpu_min']:.1f} | {r['n']} | {r['clean']:.1%} | "
-                     f"{r['robust']:.1%} ({lo:.1%}–{hi:.1%}) | {', '.join(r['flags']) or 'none'} |")
+        st = r["stages"]
+        white = min(v for k, v in st.items() if k != "square")
+        lines.append(f"| {labels.get(r['run'], r['run'])} | {r['epoch']} | {r['train_cpu_min']:.1f} | {r['n']} | "
+                     f"{r['clean']:.1%} | {' / '.join(f'{v:.1%}' for v in st.values())} | "
+                     f"{r['robust']:.1%} ({lo:.1%}–{hi:.1%}) | {100 * (white - st.get('square', white)):.1f} points |")
     return "\n".join(lines)
 
 
@@ -155,10 +161,11 @@ def main(argv=None):
             keys = [{k: r.get(k) for k in KEY} for r in rows]
             rows += [r for r in new if {k: r[k] for k in KEY} not in keys]
             atomic_write_bytes(db, (json.dumps(rows, indent=1) + "\n").encode())
+    labels = dict(s.split("=", 1) for s in a.label)
     if a.table:
-        print(table(rows))
+        print(table(rows, labels))
     if a.figure:
-        figure(rows, a.figure, dict(s.split("=", 1) for s in a.label))
+        figure(rows, a.figure, labels)
     return rows
 
 

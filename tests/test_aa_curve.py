@@ -44,7 +44,7 @@ def test_curve_points_are_measured_once_and_drawn(tmp_path, mnist, monkeypatch):
     fig = tmp_path / "curve.png"
     aa_curve.main(["--db", str(db), "--figure", str(fig), "--label", "runA=TRADES"])
     assert fig.stat().st_size > 0
-    assert "| runA | 1 | 1.5 | 6 |" in aa_curve.table(rows)
+    assert "| TRADES | 1 | 1.5 | 6 |" in aa_curve.table(rows, {"runA": "TRADES"})
 
 
 def test_a_checkpoint_without_training_time_is_refused(tmp_path, mnist):
@@ -71,6 +71,8 @@ def test_a_finished_compare_run_is_taken_not_attacked_again(tmp_path, mnist, mon
     r = rows[0]
     assert (r["run"], r["train_cpu_min"], r["robust"], r["n"], r["epoch"]) == ("runB", 10.0, 0.85, 500, 9)
     assert r["stages"]["apgd-t"] == 0.89
+    assert r["flags"] == ["square stronger than the white-box attacks: robust 85.00% after it, 89.00% before "
+                          "(gradient masking?)"]
     (tmp_path / "short.json").write_text(json.dumps([{**row, "steps": 10}]))
     with pytest.raises(SystemExit, match="not AutoAttack-standard"):
         aa_curve.main(["--db", str(db), "--add-compare", str(tmp_path / "short.json")])
