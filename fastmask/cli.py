@@ -170,6 +170,8 @@ def build_parser():
     r.add_argument("--batch-size", type=positive_int, help="override the preset's batch size")
     r.add_argument("--adv-eps", type=positive_float, help="eps of the fast-AT rows (default 0.1)")
     r.add_argument("--tuned", metavar="FILE", help="the tuned.json of `fastmask tune`, for the row 'tuned'")
+    r.add_argument("--no-fused-optimizer", dest="fused_optimizer", action="store_false", default=None,
+                   help="torch's per-op optimizer loop instead of its fused kernel (runs before session 7)")
 
     t = sub.add_parser("train", help="train one model and write its checkpoint")
     common(t)
@@ -179,7 +181,7 @@ def build_parser():
     t.add_argument("--lr", type=positive_float, default=1e-3)
     t.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     t.add_argument("--no-fused-optimizer", dest="fused", action="store_false",
-                   help="torch's per-op optimizer loop instead of its fused kernel (the bits of runs before session 7)")
+                   help="torch's per-op optimizer loop instead of its fused kernel (runs before session 7)")
     t.add_argument("--mask-ratio", type=ratio, default=0.0)
     t.add_argument("--mask-scope", choices=("sample", "fixed"), default="sample",
                    help="sample: a fresh random mask per image and step; fixed: one mask for all")
@@ -415,8 +417,8 @@ def cmd_train(args):
         raise CliError(f"fastmask train: argument --adv-val: {args.adv_val} needs --adv-train")
     grad = {k: v for k, v in (("max_norm", args.max_norm), ("noise_std", args.noise_std)) if v}
     tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-                       fused=args.fused, seed=args.seed, grad=grad, adv_train=args.adv_train, adv_eps=args.adv_eps,
-                       adv_alpha=args.adv_alpha, adv_steps=args.adv_steps, adv_check=args.adv_check,
+                       fused=args.fused, seed=args.seed, grad=grad, adv_train=args.adv_train,
+                       adv_eps=args.adv_eps, adv_alpha=args.adv_alpha, adv_steps=args.adv_steps, adv_check=args.adv_check,
                        lr_schedule=args.lr_schedule, trades_beta=args.trades_beta, adv_val=args.adv_val,
                        adv_val_steps=args.adv_val_steps)
     data = D.load(args.dataset, args.data_dir, split_seed=args.seed, download=args.download)

@@ -99,6 +99,7 @@ class ReproduceConfig:
     eps_list: tuple = None          # None: the preset's
     lr: float = 1e-3
     optimizer: str = "adam"
+    fused_optimizer: bool = True    # torch's fused Adam/SGD; False: its per-op loop (the bits before session 7)
     epochs: int = None              # None: the preset's
     batch_size: int = None
     pgd_n: int = None               # None: the preset's (0 in a preset entry means the whole test set)
@@ -172,8 +173,9 @@ def row_configs(cfg, data):
         label, ratio, pattern, grad, adv = ROWS[name]
         mask = row_mask(name, cfg, len(data.y_train))
         tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer,
-                           seed=cfg.seed, grad=dict(grad or {}), adv_train=adv, adv_eps=cfg.adv_eps,
-                           lr_schedule=cfg.lr_schedule, adv_check=adv is not None)  # early stop: fast AT rows
+                           fused=cfg.fused_optimizer, seed=cfg.seed, grad=dict(grad or {}), adv_train=adv,
+                           adv_eps=cfg.adv_eps, lr_schedule=cfg.lr_schedule,
+                           adv_check=adv is not None)  # early stop: fast AT rows
         ck = {"row": name, "model": cfg.model, "dataset": cfg.dataset, "subset": data.subset,
               "split_seed": data.split_seed, "n_val": len(data.y_val), "mask": mask, "train": tcfg.to_dict()}
         out[name] = (mask, tcfg, ck)

@@ -175,3 +175,20 @@ def test_bench_hands_its_arguments_to_the_benchmarks(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["bench", "--help"])
     assert e.value.code == 0 and "python -m benchmarks" in capsys.readouterr().out
+
+
+def test_reproduce_no_fused_optimizer_reaches_every_row(tmp_path, monkeypatch):
+    """`reproduce --no-fused-optimizer` trains every row with torch's per-op optimizer (the bits
+    of the runs before session 7); the default is the fused kernel. The flag reaches the config
+    each checkpoint records, so a cached row of the other kind is retrained, not reused."""
+    import types
+    from fastmask import pipeline
+    seen = {}
+    monkeypatch.setattr(pipeline, "run_reproduce", lambda cfg: seen.setdefault("cfg", cfg))
+    data = types.SimpleNamespace(y_train=torch.zeros(100), y_val=torch.zeros(10), subset={}, split_seed=0)
+    for argv, fused in ((["--no-fused-optimizer"], False), ([], True)):
+        seen.clear()
+        assert cli.main(["reproduce", "--out", str(tmp_path / "r"), "--quiet"] + argv) == 0
+        rows = pipeline.row_configs(seen["cfg"], data)
+        assert {name: (t.fused, ck["train"]["fused"]) for name, (_, t, ck) in rows.items()} == \
+            {name: (fused, fused) for name in rows}
