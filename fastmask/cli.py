@@ -21,6 +21,7 @@ and exit with code 2, without a traceback.
 """
 import argparse
 import json
+import signal
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -489,8 +490,28 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, turned into an exception so that the run stops as cleanly as on Ctrl-C."""
 
 
+# Each signal is also remembered: library code can swallow the exception (a SIGTERM that
+# landed in torch's lazy import of sympy/mpmath was caught there and the run went on to
+# exit 0), so main() re-raises at the end of a command that saw one.
+_stop = {"signal": None}
+
+
 def _on_sigterm(signum, frame):
+    _stop["signal"] = signal.SIGTERM
     raise Terminated()
+
+
+def _on_sigint(signum, frame):
+    _stop["signal"] = signal.SIGINT
+    raise KeyboardInterrupt()
+
+
+def stop_requested():
+    """Raise the pending SIGTERM / SIGINT again if one arrived (long loops call this at safe points)."""
+    if _stop["signal"] == signal.SIGTERM:
+        raise Terminated()
+    if _stop["signal"] == signal.SIGINT:
+        raise KeyboardInterrupt()
 
 
 def main(argv=None):
@@ -498,11 +519,14 @@ def main(argv=None):
     SIGINT/SIGTERM: one line on stderr, exit 130/143; every file written so far is whole
     (atomic writes), and rerunning the same command resumes from the last checkpoint."""
     import os
-    import signal
     from . import distributed
     from .data import DataError
     from .models import CheckpointError
+    _stop["signal"] = None
     old_term = signal.signal(signal.SIGTERM, _on_sigterm)
+    old_int = signal.getsignal(signal.SIGINT)
+    if old_int is signal.default_int_handler:  # left alone where SIGINT is ignored (a background job)
+        signal.signal(signal.SIGINT, _on_sigint)
     try:
         argv = sys.argv[1:] if argv is None else list(argv)
         if argv[:1] == ["bench"]:
@@ -512,6 +536,7 @@ def main(argv=None):
         with distributed.launched():  # under torchrun: join the group, rank 0 prints; else nothing
             {"reproduce": cmd_reproduce, "train": cmd_train, "attack": cmd_attack,
              "evaluate": cmd_evaluate, "tune": cmd_tune, "bench": cmd_bench}[args.command](args)
+            stop_requested()  # a signal some library swallowed: still stop with its exit code
     except CliError as e:
         print(one_line(e), file=sys.stderr)
         return 2
@@ -527,6 +552,8 @@ def main(argv=None):
         return 143 if isinstance(e, Terminated) else 130
     finally:
         signal.signal(signal.SIGTERM, old_term)
+        if old_int is signal.default_int_handler:
+            signal.signal(signal.SIGINT, old_int)
     return 0
 
 

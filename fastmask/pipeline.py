@@ -287,7 +287,9 @@ def run_reproduce(cfg, log=print):
     x_val = D.to_float(data.x_val)
 
     rows, correct, paper_eps, val_fgsm, example = {}, {}, None, None, None
+    from .cli import stop_requested  # a SIGTERM / SIGINT that library code swallowed stops before the next row
     for name, (mask, tcfg, ck) in row_configs(cfg, data).items():
+        stop_requested()
         model, info, resumed = train_or_resume(name, mask, tcfg, ck, data, cfg, log)
         if name == "baseline":
             paper_eps, val_fgsm = choose_paper_eps(model, x_val, data.y_val, cfg.eps_list)

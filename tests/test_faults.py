@@ -155,3 +155,23 @@ def test_sigkill_at_moments_spread_over_a_run(tmp_path, reference):
         got, _ = finish(out, data_dir, resumed=False)
         assert got == expect, frac
     assert landed >= 4  # a late kill may find the run already done (machine load varies)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_swallowed_signal_still_stops_the_command(sig, code, monkeypatch, capsys):
+    """Library code can catch the exception a signal raises (a SIGTERM landing in torch's lazy
+    import of sympy was swallowed there, and the run exited 0): the CLI remembers the signal
+    and still ends with its exit code and its one line."""
+    from fastmask import cli
+
+    def swallowing_command(args):
+        try:
+            os.kill(os.getpid(), sig)
+            time.sleep(1.0)  # the handler runs here
+        except BaseException:  # what the library did
+            pass
+    monkeypatch.setattr(cli, "cmd_train", swallowing_command)
+    assert cli.main(["train", "--out", "unused"]) == code
+    assert "files written so far are complete" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "cmd_train", lambda args: None)
+    assert cli.main(["train", "--out", "unused"]) == 0  # the next command starts clean
