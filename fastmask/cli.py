@@ -419,9 +419,9 @@ def cmd_train(args):
     grad = {k: v for k, v in (("max_norm", args.max_norm), ("noise_std", args.noise_std)) if v}
     tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                        fused=args.fused, seed=args.seed, grad=grad, adv_train=args.adv_train,
-                       adv_eps=args.adv_eps, adv_alpha=args.adv_alpha, adv_steps=args.adv_steps, adv_check=args.adv_check,
-                       lr_schedule=args.lr_schedule, trades_beta=args.trades_beta, adv_val=args.adv_val,
-                       adv_val_steps=args.adv_val_steps)
+                       adv_eps=args.adv_eps, adv_alpha=args.adv_alpha, adv_steps=args.adv_steps,
+                       adv_check=args.adv_check, lr_schedule=args.lr_schedule, trades_beta=args.trades_beta,
+                       adv_val=args.adv_val, adv_val_steps=args.adv_val_steps)
     data = D.load(args.dataset, args.data_dir, split_seed=args.seed, download=args.download)
     if args.train_subset:
         data = data.take(train=args.train_subset)
@@ -446,7 +446,8 @@ def cmd_train(args):
             cpu = sum(r["cpu_time"] for r in history)
             M.save(Path(args.out) / "epochs" / f"epoch_{epoch:03d}.pt", net, config, data.sha256,
                    extra={"history": list(history), "train_cpu_time": cpu, "epoch": epoch})
-    info = train(model, data, tcfg, progress=sys.stderr.isatty() and not args.quiet, log=say, on_epoch=snapshot)
+    info = train(model, data, tcfg, progress=sys.stderr.isatty() and not args.quiet, log=say,
+                 on_epoch=snapshot)
     path = Path(args.out) / "model.pt"
     if distributed.is_main():  # under torchrun, rank 0 writes
         M.save(path, model, config, data.sha256, extra=info)
@@ -554,6 +555,7 @@ def main(argv=None):
         signal.signal(signal.SIGTERM, old_term)
         if old_int is signal.default_int_handler:
             signal.signal(signal.SIGINT, old_int)
+        _stop["signal"] = None  # handled here: later in-process calls (the Python API) start clean
     return 0
 
 
