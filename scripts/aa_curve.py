@@ -40,18 +40,24 @@ def run_name(path):
     return p.parent.parent.name if p.parent.name == "epochs" else p.parent.name
 
 
-def measure(path, x, y, eps, seed):
+def checkpoint_facts(path):
+    """(model in eval mode, {run, checkpoint, epoch, train_cpu_min, sha256}) of a fastmask train checkpoint."""
     model, blob = M.load(path, with_meta=True)
-    model.eval()
     extra = blob.get("extra") or {}
     if "train_cpu_time" not in extra:
         raise SystemExit(f"aa_curve: {path} records no train_cpu_time (not written by fastmask train)")
+    return model.eval(), {"run": run_name(path), "checkpoint": str(path),
+                          "epoch": extra.get("epoch", len(extra.get("history") or [])),
+                          "train_cpu_min": extra["train_cpu_time"] / 60,
+                          "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
+
+
+def measure(path, x, y, eps, seed):
+    model, facts = checkpoint_facts(path)
     c0 = time.process_time()
     _, rep = AA.autoattack(model, x, y, eps, version="standard", seed=seed)
-    hist = extra.get("history") or []
-    return {"run": run_name(path), "checkpoint": str(path), "epoch": extra.get("epoch", len(hist)),
-            "train_cpu_min": extra["train_cpu_time"] / 60, "clean": rep["clean"]["mean"],
-            "robust": rep["robust"]["mean"], "stages": {e["name"]: e["robust"]["mean"] for e in rep["attacks"]},
+    return {**facts, "clean": rep["clean"]["mean"], "robust": rep["robust"]["mean"],
+            "stages": {e["name"]: e["robust"]["mean"] for e in rep["attacks"]},
             "flags": rep.get("flags", []), "attack_cpu_s": time.process_time() - c0}
 
 
@@ -65,18 +71,11 @@ def from_compare(path):
         ck = Path(r["model"])
         if not ck.is_file():
             raise SystemExit(f"aa_curve: {path} names {r['model']!r}, not a checkpoint file here")
-        _, blob = M.load(ck, with_meta=True)
-        extra = blob.get("extra") or {}
-        if "train_cpu_time" not in extra:
-            raise SystemExit(f"aa_curve: {ck} records no train_cpu_time (not written by fastmask train)")
         stages = {s["attack"]: s["fastmask"] for s in r["stages"]}
-        epoch = extra.get("epoch", len(extra.get("history", [])))
-        out.append({"run": run_name(ck), "checkpoint": str(ck), "epoch": epoch,
-                    "train_cpu_min": extra["train_cpu_time"] / 60, "clean": r["clean"],
-                    "robust": r["stages"][-1]["fastmask"], "stages": stages,
-                    "flags": [f for f in [AA.square_flag(stages)] if f],
-                    "attack_cpu_s": r.get("fastmask_cpu_s"), "sha256": hashlib.sha256(ck.read_bytes()).hexdigest(),
-                    "n": r["n"], "start": r.get("start", 0), "eps": r["eps"], "seed": r.get("seed", 0)})
+        out.append({**checkpoint_facts(ck)[1], "clean": r["clean"], "robust": r["stages"][-1]["fastmask"],
+                    "stages": stages, "flags": [f for f in [AA.square_flag(stages)] if f],
+                    "attack_cpu_s": r.get("fastmask_cpu_s"), "n": r["n"], "start": r.get("start", 0),
+                    "eps": r["eps"], "seed": r.get("seed", 0)})
     return out
 
 
