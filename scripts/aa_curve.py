@@ -52,8 +52,8 @@ def checkpoint_facts(path):
                           "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
 
 
-def measure(path, x, y, eps, seed):
-    model, facts = checkpoint_facts(path)
+def measure(model, facts, x, y, eps, seed):
+    """One db row: the AutoAttack-standard cascade on (x, y) for the checkpoint checkpoint_facts read."""
     c0 = time.process_time()
     _, rep = AA.autoattack(model, x, y, eps, version="standard", seed=seed)
     return {**facts, "clean": rep["clean"]["mean"], "robust": rep["robust"]["mean"],
@@ -77,6 +77,19 @@ def from_compare(path):
                     "attack_cpu_s": r.get("fastmask_cpu_s"), "n": r["n"], "start": r.get("start", 0),
                     "eps": r["eps"], "seed": r.get("seed", 0)})
     return out
+
+
+def extend_db(db, new):
+    """Add the rows of `new` whose KEY the db does not hold yet; returns the whole db. Locked and
+    re-read, since two processes (one per core) may extend the same db."""
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = json.loads(db.read_text()) if db.exists() else []
+        keys = [{k: r.get(k) for k in KEY} for r in rows]
+        rows += [r for r in new if {k: r[k] for k in KEY} not in keys]
+        atomic_write_bytes(db, (json.dumps(rows, indent=1) + "\n").encode())
+    return rows
 
 
 def table(rows, labels=None):
@@ -112,7 +125,6 @@ def figure(rows, path, labels):
     side = ax.get_yaxis_transform()  # x in axes fraction, y in data
     ax.text(0.01, 89.15, "issue 15's target 89 %", fontsize=8, color="grey", transform=side)
     ax.text(0.01, 88.0, "Madry et al. 88.5 %", fontsize=8, color="grey", transform=side)
-
     ax.set_xlabel("training loop CPU minutes (2-core machine)")
     ax.set_ylabel("AutoAttack-standard robust accuracy (%)")
     ax.set_ylim(top=max(90.5, ax.get_ylim()[1]))
@@ -148,25 +160,15 @@ def main(argv=None):
         d = D.load("mnist")
         x, y = D.to_float(d.x_test[a.start:a.start + a.n]), d.y_test[a.start:a.start + a.n]
     for path in a.checkpoints:
-        key = dict(zip(KEY, (hashlib.sha256(Path(path).read_bytes()).hexdigest(), a.n, a.start, a.eps, a.seed)))
+        model, facts = checkpoint_facts(path)
+        key = dict(zip(KEY, (facts["sha256"], a.n, a.start, a.eps, a.seed)))
         if any(all(r.get(k) == v for k, v in key.items()) for r in rows):
             continue
-        r = {**measure(path, x, y, a.eps, a.seed), **key}
+        r = {**measure(model, facts, x, y, a.eps, a.seed), **key}
         print(json.dumps(r), flush=True)
-        db.parent.mkdir(parents=True, exist_ok=True)
-        with open(db.with_name(db.name + ".lock"), "w") as lock:  # two processes (one per core) may share a db
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            rows = json.loads(db.read_text()) if db.exists() else []
-            rows.append(r)
-            atomic_write_bytes(db, (json.dumps(rows, indent=1) + "\n").encode())
+        rows = extend_db(db, [r])
     for path in a.add_compare:
-        new = from_compare(path)
-        with open(db.with_name(db.name + ".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            rows = json.loads(db.read_text()) if db.exists() else []
-            keys = [{k: r.get(k) for k in KEY} for r in rows]
-            rows += [r for r in new if {k: r[k] for k in KEY} not in keys]
-            atomic_write_bytes(db, (json.dumps(rows, indent=1) + "\n").encode())
+        rows = extend_db(db, from_compare(path))
     labels = dict(s.split("=", 1) for s in a.label)
     if a.table:
         print(table(rows, labels))

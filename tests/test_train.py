@@ -69,7 +69,7 @@ def test_config_errors():
 def test_fused_optimizer_is_the_default_and_the_same_arithmetic(optimizer, lr):
     """TrainConfig(fused=True), the default, trains with torch's fused kernel; fused=False with
     its per-op loop (runs before session 7). The same update up to rounding: the same model
-    trained both ways stays within float32 noise, and each way repeats bit for bit."""
+    trained both ways stays within float32 noise (test_deterministic: each repeats bit for bit)."""
     from fastmask.train import make_optimizer
     d = toy_data(n_train=128)
     assert TrainConfig().fused is True
