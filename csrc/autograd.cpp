@@ -8,6 +8,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <initializer_list>
 #include <string>
 
 #include "op_calls.h"
@@ -79,9 +80,28 @@ class MaskApplyFn : public torch::autograd::Function<MaskApplyFn> {
   }
 };
 
+// Whether autograd has nothing to record for an op on these inputs: the condition under which
+// Function::apply builds no graph (grad mode off or no input needing a gradient), and no
+// forward-mode tangent (which Function::apply rejects with an error we keep).
+bool nothing_to_record(std::initializer_list<const at::Tensor*> inputs) {
+  if (!at::GradMode::is_enabled()) return true;
+  for (const at::Tensor* t : inputs) {
+    if (t->requires_grad() || t->_fw_grad(/*level=*/0).defined()) return false;
+  }
+  return true;
+}
+
+// A training step masks an input that needs no gradient. Function::apply would still build
+// a node and its saved strings, which is most of a small call's cost inside a training loop
+// (benchmarks/RESULTS.md): go straight below autograd instead. The result is the same tensor
+// without a grad_fn, as apply gives.
 at::Tensor mask_apply_autograd(const at::Tensor& x, double ratio, int64_t seed, int64_t offset,
                                c10::string_view mode, c10::string_view scope,
                                c10::string_view channels, double fill) {
+  if (nothing_to_record({&x})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_mask_apply(x, ratio, seed, offset, mode, scope, channels, fill);
+  }
   return MaskApplyFn::apply(x, ratio, seed, offset, mode, scope, channels, fill);
 }
 
@@ -116,6 +136,10 @@ class LearnedMaskApplyFn : public torch::autograd::Function<LearnedMaskApplyFn> 
 };
 
 at::Tensor learned_mask_apply_autograd(const at::Tensor& x, const at::Tensor& logits) {
+  if (nothing_to_record({&x, &logits})) {  // evaluation: a fixed learned mask
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_learned_mask_apply(x, logits);
+  }
   return LearnedMaskApplyFn::apply(x, logits);
 }
 

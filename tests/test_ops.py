@@ -287,6 +287,37 @@ def test_mask_apply_offset_tensor(backend):
     assert torch.autograd.gradcheck(f, (x,)) and torch.autograd.gradgradcheck(f, (x,))
 
 
+@needs_ext
+@pytest.mark.parametrize("op", ["mask_apply", "learned_mask_apply"])
+def test_autograd_kernel_skips_the_graph_only_when_nothing_needs_it(op):
+    """The C++ autograd kernels go straight to the device kernel when no input needs a gradient
+    (a training step's input, or no_grad): the same values as the graph path, no grad_fn; an
+    input that needs a gradient still gets the graph, and a forward-mode tangent still raises."""
+    import torch.autograd.forward_ad as fwAD
+    x = rand((3, 1, 5, 5), seed=4)
+    logits = randn((1, 5, 5), seed=5)
+
+    def call(x, logits):
+        if op == "mask_apply":
+            return torch.ops.fastmask.mask_apply(x, 0.4, 1, 9, "pixel", "sample", "shared", 0.25)
+        return torch.ops.fastmask.learned_mask_apply(x, logits)
+
+    graph = call(x.clone().requires_grad_(), logits.clone().requires_grad_())
+    assert graph.grad_fn is not None
+    plain = call(x, logits)
+    assert plain.grad_fn is None and not plain.requires_grad
+    same(plain, graph.detach())
+    with torch.no_grad():
+        same(call(x.clone().requires_grad_(), logits.clone().requires_grad_()), plain)
+    if op == "learned_mask_apply":  # the logits alone needing a gradient is enough for a graph
+        y = call(x, logits.clone().requires_grad_())
+        assert y.grad_fn is not None
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.ones_like(x))
+        with pytest.raises(RuntimeError, match="(?i)forward|jvp"):
+            call(dual, logits)
+
+
 # ----------------------------------------------------------------------------- attacks
 
 def with_special(t):
