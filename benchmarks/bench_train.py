@@ -16,9 +16,10 @@ between the two says the mask slows the rest of the step.
 
 The rest of the paper's masking menu (docs/masking.md) is timed the same way at 30 %:
 block and blur (the C++ kernels), dropout-style (x / (1 - p)), a mask redrawn every
-R steps, and the learned soft mask (whose logits get a gradient: end to end is its
-honest figure, the forward-only ratio leaves out its backward); target <= 3 % each,
-checked for now on the direct ratio (mask forward / plain step).
+R steps, and the learned soft mask (whose logits get a gradient and whose penalty enters the
+loss, as fastmask.train adds it: end to end is its honest figure, the forward-only ratio leaves
+out its backward); target <= 3 % each, end to end (paired, as above, on the MLP), with the direct
+ratio (mask forward / plain step) as a diagnostic.
 
 Every trainer uses fastmask.train's optimizer (torch's fused Adam). With torch's per-op Adam
 the masked step costs more than its mask: that Adam's sqrt runs several times slower on exact
@@ -94,20 +95,32 @@ def trainer(arch, mask, pool, device, fused=True):
     opt = make_optimizer(model, TrainConfig(lr=1e-3, fused=fused))
     state = {"i": 0}
 
+    penalty = getattr(mask, "penalty", None)  # the learned mask's lambda * R(M), as fastmask.train adds it
+
     def step():
         x, y = pool[state["i"] % len(pool)]
         state["i"] += 1
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        loss = F.cross_entropy(model(x), y)
+        if penalty is not None:
+            loss = loss + penalty()
+        loss.backward()
         opt.step()
     return step
 
 
-def paired_increase(pool, device, name, args, fused=True):
-    """End-to-end increase of the MLP step with the fused mask `name` ("fused random 10%")
-    over the plain step: fresh models, harness.paired on blocks of 10 steps."""
+def named_mask(name):
+    """A fresh mask module for a variant name: "fused random 10%", "fused fixed 30%", "menu ..."."""
+    if name.startswith("menu"):
+        return menu_masks()[name]()
     pat, pct = name.split()[1:]
-    masked = trainer("mlp", fused_mask(float(pct.rstrip("%")) / 100, pat == "fixed"), pool, device, fused)
+    return fused_mask(float(pct.rstrip("%")) / 100, pat == "fixed")
+
+
+def paired_increase(pool, device, name, args, fused=True):
+    """End-to-end increase of the MLP step with the mask `name` (named_mask) over the plain
+    step: fresh models, harness.paired on blocks of 10 steps."""
+    masked = trainer("mlp", named_mask(name), pool, device, fused)
     plain = trainer("mlp", nn.Identity(), pool, device, fused)
     if args.tiny:
         return harness.paired(plain, masked, block=1, min_pairs=4, max_pairs=4, warmup=1)
@@ -138,7 +151,8 @@ def bench(args, report):
         # The masked step differs from the plain one only by the mask's forward (the input
         # needs no gradient), so the increase is also t(mask) / t(step): two numbers of very
         # different size timed interleaved, which resolves 1 % where the difference of two
-        # noisy step times cannot. The target is checked on this direct measurement.
+        # noisy step times cannot. A diagnostic for the MLP, whose targets are checked end to
+        # end below; the CNN's menu rows (a step ~10x longer) are checked on it.
         masks = {"no mask step": variants["no mask"]}
         xb = pool[0][0]
         for r in ratios:
@@ -158,18 +172,19 @@ def bench(args, report):
             if k in tm:
                 metrics[k]["mask time"] = tm[k]["median_s"]
                 metrics[k]["increase (mask time / step time)"] = tm[k]["median_s"] / step
-            if k.startswith("menu"):
+            if k.startswith("menu") and arch != "mlp":
                 checks.append(harness.check(f"{arch} {k} training time increase (mask time / step time)",
                                             tm[k]["median_s"] / step, 0.03, False))
         if arch == "mlp":
             # the target: the end-to-end increase of the fused masks, paired blocks of steps
-            for k in (k for k in t if k.startswith("fused")):
+            for k in (k for k in t if k.startswith(("fused", "menu"))):
                 e = paired_increase(pool, dev, k, args)
                 metrics[k].update({"increase end to end (paired median)": e["median"],
                                    "95% interval": f"[{e['lo']:+.4f}, {e['hi']:+.4f}]",
                                    "pairs": e["pairs"], "steps per block": e["block"]})
                 checks.append(harness.check(f"{arch} {k} training time increase end to end "
-                                            "(paired median)", e["median"], 0.02, False))
+                                            "(paired median)", e["median"],
+                                            0.03 if k.startswith("menu") else 0.02, False))
                 checks.append(harness.check(f"{arch} {k} end-to-end increase: width of its 95 % interval",
                                             e["width"], 0.01, False))
             # diagnostic, no target: the same with torch's per-op Adam, whose sqrt is slower on the

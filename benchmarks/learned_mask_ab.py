@@ -1,17 +1,18 @@
-"""The learned soft mask's cost on one MLP training step, autograd's composition against the fused
-op (benchmarks/RESULTS.md, "the learned mask, fused"): the step of benchmarks/bench_train (Adam,
-batch 128 MNIST, cross-entropy) plus the penalty lambda * R(M) as fastmask.train adds it, for
+"""The learned soft mask's cost on one MLP training step (benchmarks/RESULTS.md, "the learned
+mask, fused"): the step of benchmarks/bench_train (fastmask.train's optimizer, batch 128 MNIST,
+cross-entropy) plus the penalty lambda * R(M) as fastmask.train adds it, for
     none          no mask,
     none, x grad  no mask, but the input needs its gradient (the first layer's grad-input product,
-                  which any trained mask in front of the model makes the backward compute),
-    autograd      fastmask.nn.LearnedMask: x * sigmoid(logits) and l1 * sigmoid(logits).abs().sum(),
-                  autograd's ops,
-    fused         the same module with ops.learned_mask_apply as its forward (the same penalty),
+                  which a trained mask composed in front of the model makes the backward compute),
+    autograd      x * sigmoid(logits) and l1 * sigmoid(logits).abs().sum(), autograd's ops,
+    op            the same with ops.learned_mask_apply as the mask's forward,
+    linear        fastmask.nn.LearnedMask as fastmask.models.Net runs it in the MLP: fused with the
+                  first Linear layer (LearnedMask.linear), whose backward needs no grad-input product,
 and the mask alone (its forward, the penalty, and their backward from a given output gradient),
 interleaved: every round runs BLOCK steps of each variant in turn (the order rotating), and the
 figure of a variant is its minimum per-step time over the rounds (the machine may be loaded).
 
-    python benchmarks/learned_mask_ab.py [ROUNDS] [BLOCK]
+    python -m benchmarks.learned_mask_ab [ROUNDS] [BLOCK] [THREADS]
 """
 import sys
 import time
@@ -24,6 +25,11 @@ from benchmarks.bench_train import batches
 from benchmarks.harness import cpu_model, isa_info
 from fastmask import ops
 from fastmask.nn import LearnedMask
+from fastmask.train import TrainConfig, make_optimizer
+
+
+class ComposedLearnedMask(LearnedMask):
+    """LearnedMask composed in front of the model (a subclass: Net fuses only LearnedMask itself)."""
 
 
 class FusedLearnedMask(LearnedMask):
@@ -39,7 +45,7 @@ def step_with_penalty(mask, pool, x_grad=False):
     model = models.build("mlp", seed=0)
     model.mask = mask
     model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = make_optimizer(model, TrainConfig(lr=1e-3))
     learned = isinstance(mask, LearnedMask)
     state = {"i": 0}
 
@@ -84,19 +90,20 @@ def interleaved(variants, rounds, block):
     return {k: (best[k], cpu[k] / (rounds * block)) for k in names}
 
 
-def main(rounds=300, block=5):
-    torch.set_num_threads(1)
+def main(rounds=300, block=5, threads=1):
+    torch.set_num_threads(threads)
     pool, source = batches(8, 128, "cpu")
     variants = {"none": step_with_penalty(nn.Identity(), pool),
                 "none, x grad": step_with_penalty(nn.Identity(), pool, x_grad=True),
-                "autograd": step_with_penalty(LearnedMask((1, 28, 28)), pool),
-                "fused": step_with_penalty(FusedLearnedMask((1, 28, 28)), pool)}
+                "autograd": step_with_penalty(ComposedLearnedMask((1, 28, 28)), pool),
+                "op": step_with_penalty(FusedLearnedMask((1, 28, 28)), pool),
+                "linear": step_with_penalty(LearnedMask((1, 28, 28)), pool)}
     t = interleaved(variants, rounds, block)
     x = pool[0][0]
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
     m = interleaved({"autograd": mask_alone(LearnedMask((1, 28, 28)), x, g),
-                     "fused": mask_alone(FusedLearnedMask((1, 28, 28)), x, g)}, rounds, 4 * block)
-    print(f"{cpu_model()} ({isa_info()}), torch {torch.__version__}, 1 thread, data: {source}, "
+                     "op": mask_alone(FusedLearnedMask((1, 28, 28)), x, g)}, rounds, 4 * block)
+    print(f"{cpu_model()} ({isa_info()}), torch {torch.__version__}, {threads} thread(s), data: {source}, "
           f"{rounds} rounds x {block} steps")
     print("| variant | step, min | vs none | mean CPU per step |")
     print("|---|---|---|---|")
@@ -109,4 +116,4 @@ def main(rounds=300, block=5):
 
 
 if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:3]))
+    main(*(int(a) for a in sys.argv[1:4]))

@@ -12,6 +12,7 @@ Checkpoints are plain dicts (tensors, str, int, float, bool, lists, dicts) so
 that torch.load(weights_only=True) can read them.
 """
 import io
+import itertools
 from pathlib import Path
 
 import torch
@@ -58,7 +59,22 @@ class Net(nn.Module):
         self.net = body(name)
 
     def forward(self, x):
+        if self._mask_fuses():
+            h = self.mask.linear(x.flatten(1), self.net[1])
+            for layer in itertools.islice(self.net, 2, None):
+                h = layer(h)
+            return h
         return self.net(self.mask(x))
+
+    def _mask_fuses(self):
+        """Whether the learned mask runs fused with the first Linear layer (the MLP; LearnedMask.linear):
+        the same function, a cheaper backward. Not with hooks on the modules it skips."""
+        from .inputgrad import _global_hooks, _hooked
+        from .nn import LearnedMask
+        m, net = self.mask, self.net
+        return (type(m) is LearnedMask and len(net) > 1 and type(net[0]) is nn.Flatten
+                and type(net[1]) is nn.Linear and net[0].start_dim == 1 and net[0].end_dim == -1
+                and not any(_hooked(k) for k in (self, m, net, net[0], net[1])) and not _global_hooks())
 
 
 def mask_config(ratio, mode="pixel", scope="sample", seed=0, redraw_steps=None, rescale=False):

@@ -141,6 +141,9 @@ class LearnedMask(torch.nn.Module):
     is the exact autograd gradient of the function the model computes (no
     straight-through or BPDA surrogate is needed, and none is used). The logits are a
     parameter: they are in the state_dict, hence in every checkpoint.
+
+    In front of a Linear layer, linear(x, layer) computes layer(x * M) with a cheaper backward
+    (fastmask.models.Net uses it for the MLP): the same function and input gradient.
     """
 
     def __init__(self, shape, l1: float = 1e-3, init: float = 3.0):
@@ -157,6 +160,52 @@ class LearnedMask(torch.nn.Module):
 
     def penalty(self) -> Tensor:
         return self.l1 * self.mask().abs().sum()
+
+    def linear(self, x: Tensor, layer: torch.nn.Linear) -> Tensor:
+        """layer(x * M) for the flattened features x (N x F, F the mask's size), the mask fused
+        with the Linear layer after it (fastmask.models.Net does this for the MLP).
+
+        Same output and same gradient for x as the composition; the weight's and the logits'
+        gradients equal it up to float rounding. Why: the logits' gradient
+        sum_n grad_in[n, f] x[n, f] equals sum_j W[j, f] G[j, f], G = grad_out^T x the layer's
+        weight gradient before the mask scales its columns (dW = G * M), so the backward
+        needs no grad_in = grad_out W, the N x out x F product the layer without a trained
+        mask in front skips (benchmarks/RESULTS.md, the learned mask's cost). First order
+        only, like every attack and training loss here.
+        """
+        if x.dim() != 2 or x.shape[1] != self.logits.numel():
+            raise ValueError(f"x must be N x {self.logits.numel()} (the mask's features, flattened), "
+                             f"got shape {tuple(x.shape)}")
+        return _MaskedLinear.apply(x, self.logits, layer.weight, layer.bias)
+
+
+class _MaskedLinear(torch.autograd.Function):
+    """linear(x * sigmoid(logits).flatten(), weight, bias): LearnedMask.linear."""
+
+    @staticmethod
+    def forward(ctx, x, logits, weight, bias):
+        s = torch.sigmoid(logits).reshape(-1)
+        ctx.save_for_backward(x, s, weight)
+        ctx.logits_shape = logits.shape
+        return torch.nn.functional.linear(x * s, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, s, weight = ctx.saved_tensors
+        need_x, need_logits, need_w, need_b = ctx.needs_input_grad
+        gx = gl = gw = gb = None
+        if need_x:  # the composition's ops: linear's grad_in, then the mask's product
+            gx = g.mm(weight) * s
+        if need_logits or need_w:
+            G = g.t().mm(x)  # grad_out^T x: the weight gradient before the mask's column scale
+            if need_logits:
+                gl = torch.ops.aten.sigmoid_backward((weight * G).sum(0), s).reshape(ctx.logits_shape)
+            if need_w:
+                gw = G.mul_(s)
+        if need_b:
+            gb = g.sum(0)
+        return gx, gl, gw, gb
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.logits.shape)}, l1={self.l1}"

@@ -1,7 +1,12 @@
-"""learned_mask_apply (the learned soft mask x * sigmoid(logits), fused): the kernel against the
-reference bit for bit (forward and both gradients, ragged shapes, every dtype, 1 and 2 threads),
-the reference against plain autograd, gradcheck, opcheck and the argument checks. (Not wired into
-fastmask.nn.LearnedMask: it did not make the training step cheaper, benchmarks/RESULTS.md.)"""
+"""The learned soft mask x * sigmoid(logits).
+
+learned_mask_apply (the mask as one fused op): the kernel against the reference bit for bit
+(forward and both gradients, ragged shapes, every dtype, 1 and 2 threads), the reference against
+plain autograd, gradcheck, opcheck and the argument checks. (Not LearnedMask's forward: it did not
+make the training step cheaper, benchmarks/RESULTS.md.)
+
+LearnedMask.linear (the mask fused with the MLP's first Linear layer, what fastmask.models.Net
+runs): the same function as the composition, its gradients, and when Net falls back to composing."""
 import pytest
 import torch
 
@@ -139,3 +144,118 @@ def test_cuda_matches_the_reference(shape, dtype):
     torch.testing.assert_close(got[2], want[2])
     torch.library.opcheck(torch.ops.fastmask.learned_mask_apply.default,
                           (args[0].requires_grad_(), args[1].requires_grad_()))
+
+
+# --------------------------------------------- LearnedMask fused with the first Linear (the MLP)
+
+def _net_and_batch(seed=0, dtype=torch.float32):
+    from fastmask import models
+    net = models.build("mlp", models.learned_mask_config(0.05), seed=seed).to(dtype)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # a mask far from its uniform start, so every gradient term matters
+        net.mask.logits.copy_(3 * torch.randn(net.mask.logits.shape, generator=g, dtype=torch.float64))
+    x = torch.rand((16, 1, 28, 28), generator=g, dtype=torch.float64).to(dtype)
+    y = torch.randint(0, 10, (16,), generator=g)
+    return net, x, y
+
+
+def _grad_fn_names(t):
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        f = todo.pop()
+        if f is not None and f not in seen:
+            seen.add(f)
+            todo.extend(n for n, _ in f.next_functions)
+    return {type(f).__name__ for f in seen}
+
+
+def _step(net, x, y, compose):
+    """(logits, d/dx, d/dlogits, d/dW1, d/db1) of CE + penalty, fused or composed."""
+    import copy
+    net = copy.deepcopy(net)
+    if compose:
+        net._mask_fuses = lambda: False
+    x = x.clone().requires_grad_()
+    out = net(x)
+    (torch.nn.functional.cross_entropy(out, y) + net.mask.penalty()).backward()
+    return out, x.grad, net.mask.logits.grad, net.net[1].weight.grad, net.net[1].bias.grad
+
+
+def test_the_mlp_runs_the_mask_fused_with_its_first_linear():
+    """Same logits and input gradient bit for bit as the composition x * M -> Flatten -> Linear (so
+    attacks see the same model); the weight's and logits' gradients equal up to float rounding."""
+    net, x, y = _net_and_batch()
+    fused, composed = _step(net, x, y, False), _step(net, x, y, True)
+    assert "_MaskedLinearBackward" in _grad_fn_names(fused[0])
+    assert "_MaskedLinearBackward" not in _grad_fn_names(composed[0])
+    for name, a, b in zip(("logits", "x grad", "mask logits grad", "W1 grad", "b1 grad"), fused, composed):
+        if name in ("logits", "x grad", "b1 grad"):
+            assert torch.equal(a, b), name
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+    assert fused[2].abs().max() > 1e-4  # a real gradient, not zeros on both sides
+
+
+def test_masked_linear_gradcheck_and_only_the_needed_gradients():
+    from fastmask.nn import LearnedMask
+    m = LearnedMask((1, 3, 4), l1=0.1).double()
+    with torch.no_grad():
+        m.logits.copy_(torch.randn(1, 3, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    layer = torch.nn.Linear(12, 5).double()
+    x = torch.rand(6, 12, dtype=torch.float64, requires_grad=True)
+    f = lambda x, lg, w, b: _With(lg).linear(x, _Layer(w, b))  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, m.logits, layer.weight, layer.bias))
+    # training: x needs no gradient and gets none; an attack with a frozen model: only x's
+    out = m.linear(x.detach(), layer)
+    out.sum().backward()
+    assert m.logits.grad is not None and layer.weight.grad is not None
+    frozen = _Layer(layer.weight.detach(), layer.bias.detach())
+    (gx,) = torch.autograd.grad(_With(m.logits.detach()).linear(x, frozen).sum(), x)
+    expected = torch.ones(6, 5, dtype=torch.float64).mm(layer.weight.detach()) * torch.sigmoid(m.logits.detach()).reshape(-1)
+    assert torch.equal(gx, expected)
+
+
+class _Layer:
+    """A Linear layer's parameters, as LearnedMask.linear reads them."""
+
+    def __init__(self, weight, bias):
+        self.weight, self.bias = weight, bias
+
+
+class _With:
+    """A LearnedMask around the given logits tensor (for gradcheck of LearnedMask.linear)."""
+
+    def __init__(self, logits):
+        self.logits = logits
+
+    def linear(self, x, layer):
+        from fastmask.nn import LearnedMask
+        return LearnedMask.linear(self, x, layer)
+
+
+def test_the_fused_path_steps_aside_for_hooks_and_other_bodies():
+    """A hook on a module the fused path skips (the mask, Flatten, the first Linear) would not run:
+    then the model composes, and the hook sees its call; the CNN (a conv first) always composes."""
+    from fastmask import models
+    net, x, y = _net_and_batch()
+    seen = []
+    h = net.mask.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    out = net(x)
+    h.remove()
+    assert seen == [x.shape] and "_MaskedLinearBackward" not in _grad_fn_names(out)
+    assert "_MaskedLinearBackward" in _grad_fn_names(net(x))
+    h = net.net[1].register_forward_pre_hook(lambda mod, args: seen.append("linear"))
+    net(x)
+    h.remove()
+    assert seen[-1] == "linear"
+    cnn = models.build("cnn", models.learned_mask_config(0.05), seed=0)
+    assert "_MaskedLinearBackward" not in _grad_fn_names(cnn(x))
+
+
+def test_masked_linear_rejects_features_that_do_not_match_the_mask():
+    from fastmask.nn import LearnedMask
+    m, layer = LearnedMask((1, 3, 4)), torch.nn.Linear(12, 2)
+    with pytest.raises(ValueError, match=r"x must be N x 12 \(the mask's features, flattened\), got shape \(2, 1, 3, 4\)"):
+        m.linear(torch.rand(2, 1, 3, 4), layer)
+    with pytest.raises(ValueError, match=r"got shape \(2, 11\)"):
+        m.linear(torch.rand(2, 11), layer)
