@@ -178,6 +178,9 @@ class LearnedMask(torch.nn.Module):
                              f"got shape {tuple(x.shape)}")
         return _MaskedLinear.apply(x, self.logits, layer.weight, layer.bias)
 
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.logits.shape)}, l1={self.l1}"
+
 
 class _MaskedLinear(torch.autograd.Function):
     """linear(x * sigmoid(logits).flatten(), weight, bias): LearnedMask.linear."""
@@ -206,9 +209,6 @@ class _MaskedLinear(torch.autograd.Function):
         if need_b:
             gb = g.sum(0)
         return gx, gl, gw, gb
-
-    def extra_repr(self) -> str:
-        return f"shape={tuple(self.logits.shape)}, l1={self.l1}"
 
 
 class GradManipulator:

@@ -138,6 +138,7 @@ def test_learned_mask():
     assert lm.mask().sum().item() < before
     with pytest.raises(ValueError, match="l1"):
         fnn.LearnedMask((4,), l1=-1.0)
+    assert repr(lm) == "LearnedMask(shape=(1, 4, 4), l1=0.01)"  # what print(model) shows
 
 
 def _params(seed=0):
