@@ -259,3 +259,22 @@ def test_masked_linear_rejects_features_that_do_not_match_the_mask():
         m.linear(torch.rand(2, 1, 3, 4), layer)
     with pytest.raises(ValueError, match=r"got shape \(2, 11\)"):
         m.linear(torch.rand(2, 11), layer)
+
+
+@pytest.mark.parametrize("l1", [0.0, 1e-3, 0.05])
+def test_penalty_is_the_composition_bit_for_bit(l1):
+    """LearnedMask.penalty (one autograd node) against l1 * sigmoid(logits).abs().sum() in autograd:
+    the same value and the same logits gradient, saturated logits included."""
+    from fastmask.nn import LearnedMask
+    m = LearnedMask((1, 6, 7), l1=l1)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        m.logits.copy_(6 * torch.randn(m.logits.shape, generator=g))
+        m.logits[0, 0, :3] = torch.tensor([-200.0, 200.0, 0.0])
+    lg = m.logits.detach().clone().requires_grad_()
+    expected = l1 * torch.sigmoid(lg).abs().sum()
+    (2.5 * expected).backward()
+    got = m.penalty()
+    (2.5 * got).backward()
+    assert got.shape == () and torch.equal(got.detach(), expected.detach())
+    assert torch.equal(m.logits.grad, lg.grad)
