@@ -29,10 +29,14 @@ from fastmask.train import TrainConfig, make_optimizer
 
 
 class ComposedLearnedMask(LearnedMask):
-    """LearnedMask composed in front of the model (a subclass: Net fuses only LearnedMask itself)."""
+    """LearnedMask composed in front of the model (a subclass: Net fuses only LearnedMask itself),
+    with the penalty as autograd's composition of ops."""
+
+    def penalty(self):
+        return self.l1 * self.mask().abs().sum()
 
 
-class FusedLearnedMask(LearnedMask):
+class FusedLearnedMask(ComposedLearnedMask):
     """LearnedMask with the fused op as its forward (one op forward, one backward)."""
 
     def forward(self, x):
@@ -101,7 +105,7 @@ def main(rounds=300, block=5, threads=1):
     t = interleaved(variants, rounds, block)
     x = pool[0][0]
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
-    m = interleaved({"autograd": mask_alone(LearnedMask((1, 28, 28)), x, g),
+    m = interleaved({"autograd": mask_alone(ComposedLearnedMask((1, 28, 28)), x, g),
                      "op": mask_alone(FusedLearnedMask((1, 28, 28)), x, g)}, rounds, 4 * block)
     print(f"{cpu_model()} ({isa_info()}), torch {torch.__version__}, {threads} thread(s), data: {source}, "
           f"{rounds} rounds x {block} steps")

@@ -69,10 +69,12 @@ class Net(nn.Module):
     def _mask_fuses(self):
         """Whether the learned mask runs fused with the first Linear layer (the MLP; LearnedMask.linear):
         the same function, a cheaper backward. Not with hooks on the modules it skips."""
-        from .inputgrad import _global_hooks, _hooked
         from .nn import LearnedMask
         m, net = self.mask, self.net
-        return (type(m) is LearnedMask and len(net) > 1 and type(net[0]) is nn.Flatten
+        if type(m) is not LearnedMask:  # every other model, on each forward: nothing more to look at
+            return False
+        from .inputgrad import _global_hooks, _hooked
+        return (len(net) > 1 and type(net[0]) is nn.Flatten
                 and type(net[1]) is nn.Linear and net[0].start_dim == 1 and net[0].end_dim == -1
                 and not any(_hooked(k) for k in (self, m, net, net[0], net[1])) and not _global_hooks())
 
