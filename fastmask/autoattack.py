@@ -117,7 +117,7 @@ def autoattack(model, x, y, eps, *, norm="inf", version="standard", attacks=None
     Args:
         model: maps x (Tensor[N, C, H, W] in [0, 1]) to logits (N x classes); left as it was.
         x: Tensor[N, C, H, W]; y: Tensor[N] int64 true labels. eps: radius (>= 0) in `norm`.
-        norm: "inf" or "2" (Square is L-inf only: "2" drops it). version: "standard"
+        norm: "inf" or "2" (every attack has both versions). version: "standard"
             (STANDARD), "rand" (RAND with EOT over eot_samples draws, masks drawn fresh
             at every forward) or "custom" (the names in `attacks`, from ATTACKS).
         seed: Philox seed of every attack. batch_size: samples per batch (None: all).
@@ -148,8 +148,6 @@ def autoattack(model, x, y, eps, *, norm="inf", version="standard", attacks=None
         raise ValueError(f"attacks= is for version='custom', got attacks={attacks!r} with version={version!r}")
     else:
         names = list(STANDARD if version == "standard" else RAND)
-    if norm == "2" and version == "standard":  # Square and FAB-T are L-inf only here
-        names = [n for n in names if n not in ("square", "fab-t")]
     randomized = version == "rand"
     draws = (5 if randomized else 1) if draws is None else C.positive_int("draws", draws)
     if randomized and draws < 5:

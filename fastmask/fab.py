@@ -1,4 +1,4 @@
-"""FAB-T, L-inf: the targeted Fast Adaptive Boundary attack (Croce & Hein, ICML 2020), as the
+"""FAB-T, L-inf and L2: the targeted Fast Adaptive Boundary attack (Croce & Hein, ICML 2020), as the
 standard version of AutoAttack runs it (fra31/auto-attack fab_pt.py / fab_base.py: 100
 steps, 9 targets, one run per target without a random start, alpha_max 0.1, eta 1.05,
 beta 0.9).
@@ -6,7 +6,7 @@ beta 0.9).
 FAB looks for the smallest perturbation that crosses the decision boundary. At each
 step it linearises f(x) = z_t - z_y (target t, true class y) around the iterate x1,
 projects both x1 and the clean point x0 onto the hyperplane {f = 0} (in L-inf, inside
-the box [lo, hi]: `project_linf`), and moves to the convex combination
+the box [lo, hi]: `project_linf`; in L2 `project_l2`), and moves to the convex combination
 (1 - a) (x1 + eta d1) + a (x0 + eta d2), a = min(|d1| / (|d1| + |d2|), alpha_max),
 which stays close to x0. When the step lands on an adversarial point it keeps it if it
 is the nearest so far and pulls the iterate back towards x0 by beta.
@@ -22,12 +22,46 @@ from .apgd import check_eps, clean_logits
 from . import _checks as C
 from .attacks import _batched, _loss_value_grad, check_inputs, model_state
 
-__all__ = ["fab_targeted", "project_linf"]
+__all__ = ["fab_targeted", "project_linf", "project_l2"]
 
 project_linf = ops.project_linf  # the projection is an op (fastmask.ops); its name here for FAB's readers
 
 
-def _run(model, x0, y, tgt, eps, steps, alpha_max, eta, beta, lo, hi, stats):
+def project_l2(t, w, b, lo=0.0, hi=1.0):
+    """The smallest L2 step d (rows of t, w: N x D; b: N) with w.(t + d) = b and t + d in [lo, hi],
+    or, where the box does not reach the hyperplane, the box point nearest to it. Coordinates
+    with |w| <= 1e-8 do not move (as in the original's projection_l2).
+
+    With c = |w.t - b| and w signed so that the plane is below: d(l) = -min(l, r) w, where
+    r_i = the l at which coordinate i meets its bound; c(l) = sum w_i^2 min(l, r_i) grows
+    piecewise linearly in l, so l solves c(l) = c on the segment between two sorted r_i."""
+    c = (w * t).sum(1) - b
+    w = torch.where((c < 0).unsqueeze(1), -w, w)
+    c = c.abs()
+    live = w.abs() > 1e-8
+    wl = torch.where(live, w, torch.ones_like(w))
+    r = torch.where(live, torch.maximum((t - lo) / wl, (t - hi) / wl).clamp_min(0), torch.zeros_like(w))
+    rs, order = r.sort(1)
+    w2 = (w * w * live).gather(1, order)
+    cum_w2 = w2.cumsum(1)
+    cum_rw2 = (w2 * rs).cumsum(1)
+    total = cum_w2[:, -1:]
+    reach = cum_rw2 + rs * (total - cum_w2)  # c(l) at each sorted breakpoint, non-decreasing
+    k = (reach < c.unsqueeze(1)).sum(1, keepdim=True)  # the segment holding the solution (D: none)
+    zero = torch.zeros_like(c).unsqueeze(1)
+    prev_w2 = torch.cat((zero, cum_w2), 1).gather(1, k)
+    prev_rw2 = torch.cat((zero, cum_rw2), 1).gather(1, k)
+    lam = (c.unsqueeze(1) - prev_rw2) / (total - prev_w2).clamp_min(torch.finfo(t.dtype).tiny)
+    lam = torch.where(k == t.shape[1], torch.full_like(lam, float("inf")), lam)  # out of reach: every bound
+    return -torch.minimum(lam, r) * w * live
+
+
+def _dist(d, norm):
+    """Per-row norm of d (N x D): L-inf or L2."""
+    return d.abs().amax(1) if norm == "inf" else d.pow(2).sum(1).sqrt()
+
+
+def _run(model, x0, y, tgt, eps, norm, steps, alpha_max, eta, beta, lo, hi, stats):
     """FAB-T on (x0, y) towards targets tgt; returns (x_out, broken) with x_out within eps where broken."""
     n = x0.shape[0]
     out = x0.clone()
@@ -40,8 +74,9 @@ def _run(model, x0, y, tgt, eps, steps, alpha_max, eta, beta, lo, hi, stats):
         stats["grads"] += idx.numel()
         w = g.flatten(1)
         b = -df + (w * x1.flatten(1)).sum(1)
-        d = ops.project_linf(torch.cat((x1.flatten(1), x0.flatten(1))), torch.cat((w, w)), torch.cat((b, b)), lo, hi)
-        a0 = d.abs().amax(1).clamp_min(1e-8)
+        project = ops.project_linf if norm == "inf" else project_l2
+        d = project(torch.cat((x1.flatten(1), x0.flatten(1))), torch.cat((w, w)), torch.cat((b, b)), lo, hi)
+        a0 = _dist(d, norm).clamp_min(1e-8)
         m = idx.numel()
         d1, d2 = d[:m].view_as(x1), d[m:].view_as(x1)
         alpha = (a0[:m] / (a0[:m] + a0[m:])).clamp(0.0, alpha_max).view(-1, *[1] * (x1.dim() - 1))
@@ -50,7 +85,7 @@ def _run(model, x0, y, tgt, eps, steps, alpha_max, eta, beta, lo, hi, stats):
             adv = model(x1).argmax(1) != y
         stats["queries"] += m
         if adv.any():
-            dist = (x1 - x0).flatten(1).abs().amax(1)
+            dist = _dist((x1 - x0).flatten(1), norm)
             nearer = adv & (dist < best)
             best = torch.where(nearer, dist, best)
             out[idx[nearer]] = x1[nearer]
@@ -67,13 +102,13 @@ def _run(model, x0, y, tgt, eps, steps, alpha_max, eta, beta, lo, hi, stats):
 
 def fab_targeted(model, x, y, eps, *, norm="inf", steps=100, targets=9, alpha_max=0.1, eta=1.05, beta=0.9,
                  masks="model", batch_size=None, lo=0.0, hi=1.0, _stats=None):
-    """FAB-T, L-inf (Croce & Hein 2020, the standard AutoAttack version): a minimum-norm attack
+    """FAB-T, L-inf or L2 (Croce & Hein 2020, the standard AutoAttack version): a minimum-norm attack
     towards each of the `targets` highest-scoring other classes in turn, evaluated at radius eps.
 
     Args:
         model: maps x (Tensor[N, ...]) to logits (N x classes); left as it was.
-        x: Tensor[N, ...] in [lo, hi]; y: Tensor[N] int64 true labels. eps: L-inf radius, >= 0.
-        norm: "inf" (the only one here). steps: iterations per target (100).
+        x: Tensor[N, ...] in [lo, hi]; y: Tensor[N] int64 true labels. eps: radius, >= 0, in `norm`.
+        norm: "inf" or "2". steps: iterations per target (100).
         targets: target classes in [1, classes - 1] (9). alpha_max (0.1), eta (1.05), beta (0.9):
             the original's bias towards x, overshoot and backward step.
         masks, batch_size, lo, hi: as in fastmask.attacks.
@@ -82,8 +117,7 @@ def fab_targeted(model, x, y, eps, *, norm="inf", steps=100, targets=9, alpha_ma
         Tensor like x: a misclassified point within eps of x where one was found, else x.
     """
     check_inputs(x, y, batch_size)
-    if C.norm("norm", norm) != "inf":
-        raise ValueError(f"norm must be 'inf' (FAB-T's L2 / L1 versions are not implemented), got {norm!r}")
+    norm = C.norm("norm", norm)
     eps = check_eps(eps)
     C.positive_int("steps", steps)
     C.positive_int("targets", targets)
@@ -102,7 +136,7 @@ def fab_targeted(model, x, y, eps, *, norm="inf", steps=100, targets=9, alpha_ma
             todo = robust.nonzero().squeeze(1)
             if todo.numel() == 0:
                 break
-            out, broken = _run(model, xb[todo], yb[todo], order[todo, t + 1], eps, steps, alpha_max, eta, beta,
+            out, broken = _run(model, xb[todo], yb[todo], order[todo, t + 1], eps, norm, steps, alpha_max, eta, beta,
                                lo, hi, stats)
             adv[todo[broken]] = out[broken]
             robust[todo[broken]] = False

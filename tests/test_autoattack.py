@@ -19,7 +19,8 @@ def _acc(model, x, y):
         return model(x).argmax(1) == y
 
 
-def test_cascade_attacks_only_robust_points_and_never_raises_robust_accuracy(monkeypatch):
+@pytest.mark.parametrize("norm, eps", [("inf", 0.01), ("2", 0.1)])
+def test_cascade_attacks_only_robust_points_and_never_raises_robust_accuracy(monkeypatch, norm, eps):
     model, x, y = _setup()
     seen = []
     real = AA._runner
@@ -34,8 +35,8 @@ def test_cascade_attacks_only_robust_points_and_never_raises_robust_accuracy(mon
             return out
         return wrapped
     monkeypatch.setattr(AA, "_runner", spy)
-    xa, rep = AA.autoattack(model, x, y, 0.01, steps=10, queries=50)
-    assert [e["name"] for e in rep["attacks"]] == list(AA.STANDARD)
+    xa, rep = AA.autoattack(model, x, y, eps, norm=norm, steps=10, queries=50)
+    assert [e["name"] for e in rep["attacks"]] == list(AA.STANDARD)  # all four in both norms
     robust = _acc(model, x, y)
     assert rep["clean"]["mean"] == pytest.approx(robust.double().mean().item())
     for (name, owner, out), e in zip(seen, rep["attacks"]):
@@ -46,7 +47,8 @@ def test_cascade_attacks_only_robust_points_and_never_raises_robust_accuracy(mon
         assert e["removed"] == len(owner) - int(robust[owner].sum()) and e["seconds"] >= 0
     assert rep["robust"]["mean"] == pytest.approx(_acc(model, xa, y).double().mean().item())
     assert rep["attacks"][0]["grads"] > 0 and rep["attacks"][-1]["queries"] > 0
-    assert ((xa - x).abs() <= 0.01 + 1e-6).all() and torch.equal(xa[:4], x[:4])
+    dist = (xa - x).flatten(1).abs().amax(1) if norm == "inf" else (xa - x).flatten(1).norm(dim=1)
+    assert (dist <= eps + 1e-5).all() and torch.equal(xa[:4], x[:4])
     assert rep["robust"]["mean"] < rep["clean"]["mean"] and rep["flags"] == []
 
 

@@ -126,14 +126,16 @@ def test_attack_verify_catches_a_wrong_attack():
         bench_attacks.verify("eager", one_sample, ref, x, "pgd")
 
 
-def test_compare_autoattack_tiny_run(tmp_path, mnist):
+@pytest.mark.parametrize("norm, eps", [("inf", "0.3"), ("2", "2.0")])
+def test_compare_autoattack_tiny_run(tmp_path, mnist, norm, eps):
     pytest.importorskip("torchattacks")
     from benchmarks import compare_autoattack as C
     out = tmp_path / "aa.md"
-    rows = C.main(["--n", "8", "--steps", "2", "--queries", "3", "--models", "cnn_pgd3", "--eps", "0.3",
-                   "--out", str(out)])
+    rows = C.main(["--n", "8", "--steps", "2", "--queries", "3", "--models", "cnn_pgd3", "--eps", eps,
+                   "--norm", norm, "--out", str(out)])
     (row,) = rows
+    assert row["norm"] == norm and ("L2," if norm == "2" else "L-inf,") in out.read_text()
     assert [s["attack"] for s in row["stages"]] == ["apgd-ce", "apgd-t", "fab-t", "square"]
     assert all(0 <= s["fastmask"] <= 1 and s["wilson95"][0] <= s["fastmask"] <= s["wilson95"][1]
                for s in row["stages"])
-    assert row["speedup_cpu"] > 0 and "| cnn_pgd3 | 0.3 |" in out.read_text()
+    assert row["speedup_cpu"] > 0 and f"| cnn_pgd3 | {float(eps)} |" in out.read_text()

@@ -1,5 +1,6 @@
-"""fastmask.square: the p schedule, the stripe start from the documented Philox layout, the
-ball and range, determinism, and that only still-robust samples are queried."""
+"""fastmask.square: the p schedule, the L-inf stripe start and the L2 grid start and both
+proposals from the documented Philox layouts, the ball and range, determinism, and that only
+still-robust samples are queried."""
 import pytest
 import torch
 
@@ -17,6 +18,23 @@ def test_p_schedule_is_the_originals():
     # the original's resc_schedule: iteration 500 of 1000 is iteration 5000 of 10000
     assert S.p_selection(500, 0.8, queries=1000) == pytest.approx(0.8 / 128)
     assert S.side(0.8, 28, 28, 1) == 25 and S.side(0.8 / 512, 28, 28, 1) == 1
+    # L2: odd, >= 3, inside the image
+    assert S.side_l2(0.8, 28, 28, 1) == 25 and S.side_l2(0.8 / 512, 28, 28, 1) == 3
+    assert S.side_l2(0.05, 16, 16, 3) == 5  # round(sqrt(12.8)) = 4 -> 5
+    assert S.side_l2(0.8, 4, 4, 1) == 3 and S.side_l2(0.8, 5, 9, 1) == 5
+
+
+def test_eta_is_the_originals_pattern():
+    # s = 3: top row rings(1, 3) = [1/4, 1 + 1/4, 1/4]; bottom rows rings(2, 3) = 1/4 everywhere
+    # plus 1 at its centre (row 1, column 1); each half of unit norm, negated below, the whole
+    # of unit norm
+    top = torch.tensor([[0.25, 1.25, 0.25]], dtype=torch.float64)
+    bot = torch.tensor([[0.25, 0.25, 0.25], [0.25, 1.25, 0.25]], dtype=torch.float64)
+    want = torch.cat((top / top.norm(), -bot / bot.norm())) / 2 ** 0.5
+    assert torch.allclose(S.eta(3, torch.float64), want)
+    e = S.eta(25)
+    assert e.shape == (25, 25) and float(e.norm()) == pytest.approx(1.0)
+    assert (e[:12] > 0).all() and (e[12:] < 0).all() and e[:12].argmax() == 6 * 25 + 12
 
 
 def _setup(n=40, seed=0):
@@ -83,12 +101,82 @@ def test_proposal_from_the_philox_layout():
     assert torch.equal(rec.calls[2][0], want)
 
 
-def test_ball_range_determinism_and_strength():
+def _l2_start_by_loops(x, rows, eps, seed):
+    # the grid start written out: square (a, b) of sample j at rows/cols 1 + 5a, 1 + 5b (28 x 28:
+    # s = 5, margin 1), eta(5) (transposed on bit 0 of its second word) times the sign of bit c
+    n, c = len(rows), x.shape[1]
+    words = ops.philox(seed, S.TAG2, 2 * (int(rows.max()) + 1) * 25)
+    delta = torch.zeros(n, c, 28, 28)
+    for i, j in enumerate(rows.tolist()):
+        for k in range(25):
+            a, b = divmod(k, 5)
+            w0, w1 = int(words[2 * (j * 25 + k)]), int(words[2 * (j * 25 + k) + 1])
+            pat = S.eta(5).t() if w1 & 1 else S.eta(5)
+            for ch in range(c):
+                delta[i, ch, 1 + 5 * a:6 + 5 * a, 1 + 5 * b:6 + 5 * b] = pat * (1.0 if w0 >> ch & 1 else -1.0)
+    norm = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    return (x[rows] + delta / (norm + 1e-12) * eps).clamp(0, 1)
+
+
+def _l2_proposal_by_loops(x, best, rows, t, s, eps, seed):
+    # the original's L2 update, sample by sample, from block j of iteration t
+    blk = ops.philox(seed, S.TAG2 | (t + 1), 8 * (int(rows.max()) + 1)).view(-1, 8)
+    c, h, w = x.shape[1:]
+    out = []
+    for i, j in enumerate(rows.tolist()):
+        b = [int(v) for v in blk[j]]
+        vh, vw, vh2, vw2 = ((b[k] * (h - s)) >> 32 for k in range(4))
+        d = best[i] - x[j]
+        both = torch.zeros(c, h, w, dtype=torch.bool)
+        both[:, vh:vh + s, vw:vw + s] = True
+        both[:, vh2:vh2 + s, vw2:vw2 + s] = True
+        pat = S.eta(s).t() if b[5] & 1 else S.eta(s)
+        new = torch.empty(c, s, s)
+        for ch in range(c):
+            old = d[ch, vh:vh + s, vw:vw + s]
+            new[ch] = pat * (1.0 if b[4] >> ch & 1 else -1.0) + old / (old.norm() + 1e-12)
+            room = ((eps ** 2 - d.norm() ** 2).clamp_min(0) / c + d[both].norm() ** 2).sqrt()
+            new[ch] = new[ch] / (new[ch].norm() + 1e-12) * room
+        d = d.clone()
+        d[:, vh2:vh2 + s, vw2:vw2 + s] = 0
+        d[:, vh:vh + s, vw:vw + s] = new
+        out.append((x[j] + d / (d.norm() + 1e-12) * eps).clamp(0, 1))
+    return torch.stack(out)
+
+
+def test_l2_start_and_proposal_from_the_philox_layout():
+    g = torch.Generator().manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(2 * 28 * 28, 10))
+    x = torch.rand(10, 2, 28, 28, generator=g)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    rec = _Recorder(model)
+    eps, seed = 0.5, 7
+    S.square(rec, x, y, eps, norm="2", queries=2, p_init=0.05, seed=seed)
+    rows = torch.arange(10)
+    start = rec.calls[1][0]
+    assert torch.allclose(start, _l2_start_by_loops(x, rows, eps, seed), atol=1e-6)
+    assert ((start - x).flatten(1).norm(dim=1) <= eps + 1e-5).all()
+    # the first proposal: every sample still robust after the start (eps small for this model)
+    z0 = rec.calls[1][1]
+    zo = z0.clone()
+    zo[rows, y] = -float("inf")
+    alive = (z0[rows, y] > zo.amax(1)).nonzero().squeeze(1)
+    assert alive.numel() > 5 and rec.calls[2][0].shape[0] == alive.numel()
+    s = S.side_l2(S.p_selection(0, 0.05), 28, 28, 2)
+    assert s == 7
+    want = _l2_proposal_by_loops(x, start[alive], alive, 0, s, eps, seed)
+    assert torch.allclose(rec.calls[2][0], want, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm, eps", [("inf", 0.05), ("2", 0.5)])
+def test_ball_range_determinism_and_strength(norm, eps):
     model, x, y = _setup()
-    a = S.square(model, x, y, 0.05, queries=100, seed=1)
-    assert ((a - x).abs() <= 0.05 + 1e-6).all() and a.min() >= 0 and a.max() <= 1
-    assert torch.equal(a, S.square(model, x, y, 0.05, queries=100, seed=1))
-    assert not torch.equal(a, S.square(model, x, y, 0.05, queries=100, seed=2))
+    a = S.square(model, x, y, eps, norm=norm, queries=100, seed=1)
+    dist = (a - x).flatten(1).abs().amax(1) if norm == "inf" else (a - x).flatten(1).norm(dim=1)
+    assert (dist <= eps + 1e-5).all() and a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, S.square(model, x, y, eps, norm=norm, queries=100, seed=1))
+    assert not torch.equal(a, S.square(model, x, y, eps, norm=norm, queries=100, seed=2))
     with torch.no_grad():
         before = (model(x).argmax(1) == y).sum()
         after = (model(a).argmax(1) == y).sum()
@@ -119,8 +207,8 @@ def test_bad_input():
         S.square(model, x, y, 0.1, queries=0)
     with pytest.raises(ValueError, match="eps must be a finite number >= 0, got -1"):
         S.square(model, x, y, -1)
-    with pytest.raises(ValueError, match=r"norm must be 'inf' \(Square's L2 version is not implemented\), got '2'"):
-        S.square(model, x, y, 0.1, norm="2")
+    with pytest.raises(ValueError, match=r"norm must be one of 'inf', '2', got '1'"):
+        S.square(model, x, y, 0.1, norm="1")
     with pytest.raises(ValueError, match=r"p_init must be in \(0, 1\], got 0"):
         S.square(model, x, y, 0.1, p_init=0)
     with pytest.raises(ValueError, match=r"y must hold labels in \[0, 10\)"):
