@@ -52,6 +52,22 @@ class _Recorder(torch.nn.Module):
         return z
 
 
+def _linear_setup(seed, n, c, hw):
+    # a random linear model and points it classifies right (y = its own prediction)
+    g = torch.Generator().manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(c * hw * hw, 10))
+    x = torch.rand(n, c, hw, hw, generator=g)
+    with torch.no_grad():
+        return model, x, model(x).argmax(1)
+
+
+def _still_robust(z, y):
+    # the rows whose margin z_y - max_{i != y} z_i is still positive
+    zo = z.clone()
+    zo[torch.arange(len(y)), y] = -float("inf")
+    return (z[torch.arange(len(y)), y] > zo.amax(1)).nonzero().squeeze(1)
+
+
 def test_stripe_start_from_the_philox_layout():
     rows = torch.tensor([0, 3, 7])
     s = S.stripes((8, 2, 5, 6), rows, seed=11)
@@ -76,18 +92,12 @@ def test_proposal_from_the_philox_layout():
     # the first proposal of each still-robust sample j: x_best with its s x s window at
     # (vh, vw) of block j set to x_best + 2 eps * (bit c of w2 ? 1 : -1) in channel c, clipped
     # to the eps ball and [0, 1]; a 3-channel input, its box edges reached (x up to 1)
-    g = torch.Generator().manual_seed(3)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 10))
-    x = torch.rand(12, 3, 16, 16, generator=g)
-    with torch.no_grad():
-        y = model(x).argmax(1)
+    model, x, y = _linear_setup(3, 12, 3, 16)
     rec = _Recorder(model)
     eps, p_init, seed = 0.1, 0.1, 4
     S.square(rec, x, y, eps, queries=1, p_init=p_init, seed=seed)
     start, z0 = rec.calls[1]
-    zo = z0.clone()
-    zo[torch.arange(len(y)), y] = -float("inf")
-    rows = (z0[torch.arange(len(y)), y] > zo.amax(1)).nonzero().squeeze(1)  # still robust at the start
+    rows = _still_robust(z0, y)  # still robust at the start
     assert 3 < rows.numel() and rec.calls[2][0].shape[0] == rows.numel()
     s = S.side(S.p_selection(0, p_init), 16, 16, 3)
     blk = ops.philox(seed, S.TAG | 1, 4 * len(y)).view(-1, 4)
@@ -145,11 +155,7 @@ def _l2_proposal_by_loops(x, best, rows, t, s, eps, seed):
 
 
 def test_l2_start_and_proposal_from_the_philox_layout():
-    g = torch.Generator().manual_seed(5)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(2 * 28 * 28, 10))
-    x = torch.rand(10, 2, 28, 28, generator=g)
-    with torch.no_grad():
-        y = model(x).argmax(1)
+    model, x, y = _linear_setup(5, 10, 2, 28)
     rec = _Recorder(model)
     eps, seed = 0.5, 7
     S.square(rec, x, y, eps, norm="2", queries=2, p_init=0.05, seed=seed)
@@ -158,10 +164,7 @@ def test_l2_start_and_proposal_from_the_philox_layout():
     assert torch.allclose(start, _l2_start_by_loops(x, rows, eps, seed), atol=1e-6)
     assert ((start - x).flatten(1).norm(dim=1) <= eps + 1e-5).all()
     # the first proposal: every sample still robust after the start (eps small for this model)
-    z0 = rec.calls[1][1]
-    zo = z0.clone()
-    zo[rows, y] = -float("inf")
-    alive = (z0[rows, y] > zo.amax(1)).nonzero().squeeze(1)
+    alive = _still_robust(rec.calls[1][1], y)
     assert alive.numel() > 5 and rec.calls[2][0].shape[0] == alive.numel()
     s = S.side_l2(S.p_selection(0, 0.05), 28, 28, 2)
     assert s == 7
