@@ -45,7 +45,7 @@ info = C.build_info()
 print(info)
 assert info["cuda"] and info["cuda_launchers"], "CUDA kernels / launchers missing"
 ops = ["mask_apply", "mask_apply_backward", "fgsm", "pgd_step", "pgd_step_", "random_start",
-       "grad_clip_noise_", "learned_mask_apply", "learned_mask_apply_backward"]
+       "grad_clip_noise_", "learned_mask_apply", "learned_mask_apply_backward", "project_linf"]
 missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fastmask::{op}", "CUDA")]
 assert not missing, f"no CUDA kernel for {missing}"
 for op in ["philox", "mask_generate"]:  # tensor-less: dispatch on `device`, via the launchers

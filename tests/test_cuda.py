@@ -2,7 +2,7 @@
 
 Bit for bit where the contract says so (philox, masks in every mode/scope/channels,
 fgsm, pgd L-inf, random_start L-inf, blur forward and backward); allclose for the
-float64 norms (pgd L2, random_start L2, grad_clip_noise_). Also: odd shapes that
+float64 norms (pgd L2, random_start L2, grad_clip_noise_) and sums (project_linf). Also: odd shapes that
 cross tiles and Philox blocks, misaligned and non-contiguous inputs, > 2^31-element
 tensors (64-bit indexing), opcheck, torch.compile, no host-device synchronisation
 inside the ops, and a deterministic norm in grad_clip_noise_.
@@ -426,3 +426,20 @@ except ValueError as e:
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stderr[-1500:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_project_linf_matches_cpu(dtype):
+    # FAB-like rows (many t on the box faces, some w = 0, both signs of c, some rows out of
+    # reach) and an odd D: the CUDA kernel runs the CPU's row function, so the same steps up
+    # to the float64 sums' rounding; an empty batch (C++ errors: the subprocess test above)
+    g = torch.Generator().manual_seed(3)
+    t = torch.rand(257, 785, generator=g, dtype=dtype)
+    t[torch.rand(257, 785, generator=g) < 0.4] = 0.0
+    w = torch.randn(257, 785, generator=g, dtype=dtype) * (torch.rand(257, 785, generator=g) > 0.1)
+    b = (w * t).sum(1) + torch.randn(257, generator=g, dtype=dtype) * torch.logspace(-3, 2.5, 257, dtype=dtype)
+    cpu = F.project_linf(t, w, b, 0.0, 1.0)
+    gpu = F.project_linf(t.to(DEV), w.to(DEV), b.to(DEV), 0.0, 1.0)
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-6)
+    assert F.project_linf(t[:0].to(DEV), w[:0].to(DEV), b[:0].to(DEV), 0.0, 1.0).shape == (0, 785)

@@ -13,14 +13,7 @@ namespace cpu {
 
 at::Tensor project_linf(const at::Tensor& t_in, const at::Tensor& w_in, const at::Tensor& b_in, double lo,
                         double hi) {
-  TORCH_CHECK(t_in.dim() == 2, "t must be N x D, got shape ", t_in.sizes());
-  TORCH_CHECK(w_in.sizes() == t_in.sizes(), "w must have t's shape ", t_in.sizes(), ", got ", w_in.sizes());
-  TORCH_CHECK(b_in.dim() == 1 && b_in.size(0) == t_in.size(0), "b must have shape (", t_in.size(0),
-              "), got ", b_in.sizes());
-  TORCH_CHECK(w_in.scalar_type() == t_in.scalar_type() && b_in.scalar_type() == t_in.scalar_type(),
-              "t, w and b must have one dtype, got ", t_in.scalar_type(), ", ", w_in.scalar_type(), ", ",
-              b_in.scalar_type());
-  TORCH_CHECK(lo <= hi, "lo must be <= hi, got lo=", lo, " hi=", hi);
+  check_project_linf_args(t_in, w_in, b_in, lo, hi);
   at::Tensor t = t_in.contiguous(), w = w_in.contiguous(), b = b_in.contiguous();
   at::Tensor d = at::empty_like(t, at::MemoryFormat::Contiguous);
   const int64_t N = t.size(0), D = t.size(1);

@@ -156,6 +156,20 @@ inline void check_learned_mask_args(const at::Tensor& x, const at::Tensor& logit
                    x.scalar_type(), "), got ", logits.scalar_type());
 }
 
+// project_linf: t and w N x D of one shape, b N values, one dtype and device, lo <= hi.
+inline void check_project_linf_args(const at::Tensor& t, const at::Tensor& w, const at::Tensor& b, double lo,
+                                    double hi) {
+  TORCH_CHECK(t.dim() == 2, "t must be N x D, got shape ", t.sizes());
+  TORCH_CHECK(w.sizes() == t.sizes(), "w must have t's shape ", t.sizes(), ", got ", w.sizes());
+  TORCH_CHECK(b.dim() == 1 && b.size(0) == t.size(0), "b must have shape (", t.size(0), "), got ", b.sizes());
+  TORCH_CHECK(w.scalar_type() == t.scalar_type() && b.scalar_type() == t.scalar_type(),
+              "t, w and b must have one dtype, got ", t.scalar_type(), ", ", w.scalar_type(), ", ",
+              b.scalar_type());
+  check_like(t, "t", w, "w", /*same_shape=*/false);
+  check_like(t, "t", b, "b", /*same_shape=*/false);
+  TORCH_CHECK(lo <= hi, "lo must be <= hi, got lo=", lo, " hi=", hi);
+}
+
 inline void check_grad_clip_noise_args(at::TensorList grads, std::optional<double> max_norm,
                                        double noise_std, std::optional<double> clip_value,
                                        std::optional<double> smoothing, at::TensorList state) {

@@ -1,5 +1,6 @@
 // FAB's L-inf projection of one row onto a hyperplane inside a box (docs/ops.md,
-// project_linf), for the CPU kernel (csrc/cpu/project_cpu.cpp) and a future CUDA kernel.
+// project_linf), for the CPU kernel (csrc/cpu/project_cpu.cpp) and the CUDA kernel
+// (csrc/cuda/project_cuda.cu).
 // No ATen types. lam, the L-inf size of the step, is found by selection (three-way
 // partitions around a pivot, expected O(D) per row) instead of fastmask.reference's full
 // sort of the breakpoints, and the sums are float64: the same lam up to rounding.
