@@ -104,7 +104,7 @@ def verify(name, adv, ref, x, kind):
 
 
 def bench(args, report):
-    from fastmask import models
+    from fastmask import inputgrad, models
     dev = args.device
     steps = 2 if args.tiny else (10 if args.quick else STEPS)
     n = 16 if args.tiny else BATCH
@@ -112,6 +112,11 @@ def bench(args, report):
     base_opts = harness.timing_opts(args)
     for arch in ("mlp",) if args.tiny else ("mlp", "cnn"):
         model = models.build(arch, seed=0).to(dev).eval()
+        if arch == "cnn" and dev == "cpu" and inputgrad.CPU_CHANNELS_LAST:
+            # fastmask's gradient runs the convolutions channels-last on CPU (fastmask.inputgrad):
+            # every implementation gets the model in that layout, so all run the same kernels and
+            # the eager loop equals fastmask bit for bit
+            model = model.to(memory_format=torch.channels_last)
         impls, notes = implementations(model, steps, dev)
         for note in notes:
             report.note(note)

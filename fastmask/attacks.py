@@ -129,6 +129,18 @@ def _loss_value_grad(model, x, y, loss, target=None):
     return (torch.zeros_like(x) if g is None else g), out, z.detach()
 
 
+def _logits(model, x):
+    """model(x) without autograd, through fastmask.inputgrad's forward where the model has a plan
+    (the layout its gradients use); for attacks that only query the model."""
+    layers = inputgrad.plan(model)
+    if layers is not None:
+        z = inputgrad.logits(model, layers, x)
+        if z is not None:
+            return z
+    with torch.no_grad():
+        return model(x)
+
+
 def _loss_grad(model, x, y, targeted, loss="ce"):
     """d(sum L)/dx (minus it when targeted); zeros where the output does not depend on x.
     Plain layer chains skip autograd (fastmask.inputgrad: the same kernels, the same bits)."""

@@ -20,7 +20,7 @@ import torch
 from . import ops
 from .apgd import check_eps, clean_logits
 from . import _checks as C
-from .attacks import _batched, _loss_value_grad, check_inputs, model_state
+from .attacks import _batched, _logits, _loss_value_grad, check_inputs, model_state
 
 __all__ = ["fab_targeted", "project_linf", "project_l2"]
 
@@ -81,8 +81,7 @@ def _run(model, x0, y, tgt, eps, norm, steps, alpha_max, eta, beta, lo, hi, stat
         d1, d2 = d[:m].view_as(x1), d[m:].view_as(x1)
         alpha = (a0[:m] / (a0[:m] + a0[m:])).clamp(0.0, alpha_max).view(-1, *[1] * (x1.dim() - 1))
         x1 = ((x1 + eta * d1) * (1 - alpha) + (x0 + eta * d2) * alpha).clamp(lo, hi)
-        with torch.no_grad():
-            adv = model(x1).argmax(1) != y
+        adv = _logits(model, x1).argmax(1) != y
         stats["queries"] += m
         if adv.any():
             dist = _dist((x1 - x0).flatten(1), norm)

@@ -10,7 +10,19 @@ needs, then calls the ATen backward kernels autograd itself would call
 for the input only, nll_loss_backward, _log_softmax_backward_data). The result
 equals torch.autograd.grad bit for bit (tests/test_inputgrad.py). Anything else
 (other layer types or subclasses, hooks, a FeatureMask, a dtype other than the
-parameters') gives plan() -> None and the caller uses autograd.
+parameters') gives plan() -> None and the caller uses autograd. `logits` runs the same
+forward for attacks that only query the model (Square, FAB's checks).
+
+Channels-last convolutions on CPU (CPU_CHANNELS_LAST): the convolutions run with their
+weights in channels-last layout, so oneDNN keeps the activations NHWC and max-pooling takes
+its NHWC kernel: the paper's CNN forward and gradient run 1.5-2.4x faster on the CPUs measured
+(benchmarks/RESULTS.md). The function is the model's; the values are the layout's kernels',
+equal to the NCHW ones up to float rounding, and where rounding flips which of two nearly
+equal values a max-pool window picks the gradient flows through the other one (a
+subgradient of the same function). So on CPU the gradient equals autograd's bit for bit on
+the model converted with `model.to(memory_format=torch.channels_last)`, not on the NCHW
+model. Attacks judge their results with the model itself. CPU_CHANNELS_LAST = False gives
+the NCHW kernels (autograd's on the model as it is).
 
 Micro-batches on CPU: every layer here treats samples independently, so a large
 batch runs in equal pieces (of at least MIN_PIECE rows) whose largest activation
@@ -31,10 +43,12 @@ from torch import nn
 from torch.nn.modules import module as _module
 from torch.nn.modules.utils import _pair
 
-__all__ = ["plan", "loss_grad", "value_grad", "pieces", "CPU_CHUNK_BYTES", "MIN_PIECE"]
+__all__ = ["plan", "loss_grad", "value_grad", "logits", "pieces", "CPU_CHUNK_BYTES", "MIN_PIECE",
+           "CPU_CHANNELS_LAST"]
 
 CPU_CHUNK_BYTES = 8 << 20  # largest activation of one micro-batch on CPU; 0: no micro-batches
 MIN_PIECE = 32             # rows per micro-batch at least (equal pieces, differing by at most 1)
+CPU_CHANNELS_LAST = True   # convolutions with channels-last weights on CPU (see above)
 _LEAVES = (nn.Flatten, nn.Linear, nn.ReLU, nn.Conv2d, nn.MaxPool2d, nn.Identity)
 _A = torch.ops.aten
 _per_sample = weakref.WeakKeyDictionary()  # model -> {(layer ids, shape, dtype): largest activation bytes per sample}
@@ -104,8 +118,11 @@ def _forward(layers, x):
         elif t is nn.Conv2d:
             if x.dim() != 4:
                 raise _Unsupported
-            y = F.conv2d(x, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
-            saved.append(x)
+            w = m.weight
+            if CPU_CHANNELS_LAST and w.device.type == "cpu":
+                w = w.to(memory_format=torch.channels_last)  # also where C_in = 1 (strides of a size-1 dim)
+            y = F.conv2d(x, w, m.bias, m.stride, m.padding, m.dilation, m.groups)
+            saved.append((x, w))
         elif t is nn.MaxPool2d:
             if x.dim() != 4:
                 raise _Unsupported
@@ -129,7 +146,8 @@ def _backward(layers, saved, g):
         elif t is nn.ReLU:
             g = _A.threshold_backward(g, s, 0)
         elif t is nn.Conv2d:
-            g = _A.convolution_backward(g, s, m.weight, None, list(m.stride), list(m.padding), list(m.dilation),
+            x, w = s
+            g = _A.convolution_backward(g, x, w, None, list(m.stride), list(m.padding), list(m.dilation),
                                         False, [0, 0], m.groups, [True, False, False])[0]
         elif t is nn.MaxPool2d:
             x, idx = s
@@ -138,7 +156,7 @@ def _backward(layers, saved, g):
                                                     _pair(m.dilation), m.ceil_mode, idx)
         elif t is nn.Flatten:
             g = g.reshape(s)
-    return g
+    return g.contiguous()
 
 
 def _one_value(layers, x, rows, fn):
@@ -199,6 +217,17 @@ def loss_grad(model, layers, x, y, targeted=False):
         if k == 1:
             return _one(layers, x, y, targeted)
         return torch.cat([_one(layers, xp, yp, targeted) for xp, yp in zip(x.tensor_split(k), y.tensor_split(k))])
+    return _graph_free(model, layers, x, compute)
+
+
+def logits(model, layers, x):
+    """model(x) through `layers` = plan(model), under no_grad, in the micro-batches and layout of
+    the gradients above; None when a layer meets an input it does not handle (use model(x))."""
+    def compute(x, k):
+        outs = [_forward(layers, xp)[0] for xp in (x.tensor_split(k) if k > 1 else (x,))]
+        if outs[0].dim() != 2:
+            raise _Unsupported
+        return outs[0] if k == 1 else torch.cat(outs)
     return _graph_free(model, layers, x, compute)
 
 

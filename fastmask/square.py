@@ -41,7 +41,7 @@ import torch
 from . import losses, ops
 from .apgd import check_eps, clean_logits
 from . import _checks as C
-from .attacks import _batched, check_inputs, model_state
+from .attacks import _batched, _logits, check_inputs, model_state
 
 __all__ = ["square", "p_selection", "stripes", "eta", "TAG", "TAG2"]
 
@@ -153,7 +153,7 @@ def stripes(shape, rows, seed):
 
 
 def _margin(model, x, y):
-    return -losses.value("cw", model(x), y)  # z_y - max_{i != y} z_i
+    return -losses.value("cw", _logits(model, x), y)  # z_y - max_{i != y} z_i
 
 
 def _run(model, x, y, rows, eps, norm, queries, p_init, seed, lo, hi, stats):

@@ -126,16 +126,21 @@ def test_attack_verify_catches_a_wrong_attack():
         bench_attacks.verify("eager", one_sample, ref, x, "pgd")
 
 
-@pytest.mark.parametrize("norm, eps", [("inf", "0.3"), ("2", "2.0")])
-def test_compare_autoattack_tiny_run(tmp_path, mnist, norm, eps):
+@pytest.mark.parametrize("norm, eps, layout", [("inf", "0.3", "as-given"), ("2", "2.0", "channels-last")])
+def test_compare_autoattack_tiny_run(tmp_path, mnist, norm, eps, layout):
     pytest.importorskip("torchattacks")
     from benchmarks import compare_autoattack as C
     out = tmp_path / "aa.md"
     rows = C.main(["--n", "8", "--steps", "2", "--queries", "3", "--models", "cnn_pgd3", "--eps", eps,
-                   "--norm", norm, "--out", str(out)])
+                   "--norm", norm, "--torchattacks-layout", layout, "--out", str(out)])
     (row,) = rows
     assert row["norm"] == norm and ("L2," if norm == "2" else "L-inf,") in out.read_text()
+    assert row["torchattacks_layout"] == layout and f"torchattacks on the model {layout}" in out.read_text()
     assert [s["attack"] for s in row["stages"]] == ["apgd-ce", "apgd-t", "fab-t", "square"]
     assert all(0 <= s["fastmask"] <= 1 and s["wilson95"][0] <= s["fastmask"] <= s["wilson95"][1]
                for s in row["stages"])
     assert row["speedup_cpu"] > 0 and f"| cnn_pgd3 | {float(eps)} |" in out.read_text()
+    # both sides' model work counted: APGD-CE's first stage makes sample-gradients on both
+    first = row["stages"][0]
+    assert first["fastmask_cost"]["grads"] > 0 and first["torchattacks_cost"]["grads"] > 0
+    assert row["model_work_ratio"] > 0

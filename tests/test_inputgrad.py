@@ -1,5 +1,8 @@
-"""fastmask.inputgrad: the graph-free attack gradient equals autograd's bit for bit, declines
-what it cannot do, and its CPU micro-batches change no value."""
+"""fastmask.inputgrad: the graph-free attack gradient equals autograd's bit for bit (on CPU: on
+the model in channels-last layout, the layout of its convolutions there), its forward the
+model's, it declines what it cannot do, and its CPU micro-batches change no value."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +11,10 @@ from torch import nn
 from fastmask import attacks, inputgrad, models
 
 
-def _autograd(model, x, y, targeted=False):
+def _autograd(model, x, y, targeted=False, channels_last=True):
+    # autograd on the model in the layout inputgrad runs its convolutions in on CPU
+    if channels_last and inputgrad.CPU_CHANNELS_LAST and x.device.type == "cpu":
+        model = copy.deepcopy(model).to(memory_format=torch.channels_last)
     x = x.detach().requires_grad_(True)
     loss = F.cross_entropy(model(x), y, reduction="sum")
     return torch.autograd.grad(-loss if targeted else loss, x)[0]
@@ -45,6 +51,27 @@ def test_paper_models_equal_autograd_bit_for_bit(name, targeted):
     g = inputgrad.loss_grad(model, layers, x, y, targeted)
     assert torch.equal(g, _autograd(model, x, y, targeted))
     assert torch.equal(attacks._loss_grad(model, x, y, targeted), g)
+
+
+def test_channels_last_is_the_layout_not_the_function(monkeypatch):
+    # the same function: logits equal model(x) to rounding and bit for bit the channels-last
+    # model's; off, the gradient is autograd's on the model as it is, bit for bit
+    model = _frozen(models.build("cnn", seed=1))
+    x, y = _data(37)
+    layers = inputgrad.plan(model)
+    z = inputgrad.logits(model, layers, x)
+    with torch.no_grad():
+        torch.testing.assert_close(z, model(x), rtol=1e-5, atol=1e-5)
+        assert torch.equal(z, copy.deepcopy(model).to(memory_format=torch.channels_last)(x))
+        assert torch.equal(attacks._logits(model, x), z)
+    g = inputgrad.loss_grad(model, layers, x, y)
+    assert g.is_contiguous() and torch.equal(g, _autograd(model, x, y))
+    monkeypatch.setattr(inputgrad, "CPU_CHANNELS_LAST", False)
+    nchw = inputgrad.loss_grad(model, layers, x, y)
+    assert torch.equal(nchw, _autograd(model, x, y, channels_last=False))
+    with torch.no_grad():
+        assert torch.equal(inputgrad.logits(model, layers, x), model(x))
+    assert (nchw - g).abs().max() < 1e-3 * g.abs().max() or (nchw != g).float().mean() < 0.05
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
