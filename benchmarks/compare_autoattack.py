@@ -138,37 +138,40 @@ def torchattacks_cascade(model, x, y, eps, steps, queries, seed, fab, norm="inf"
     return out
 
 
+def _min_costs(grad, forward, n, reps=5):
+    """(seconds of grad() / n, of forward() / n), each the minimum of `reps` interleaved timings."""
+    tg, tf = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        grad()
+        tg.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        forward()
+        tf.append(time.perf_counter() - t0)
+    return min(tg) / n, min(tf) / n
+
+
 def per_sample_costs(model, x, y, reps=5):
-    """(seconds of one per-sample gradient, of one per-sample forward) on this batch (minimum of reps)."""
-    from fastmask.attacks import _loss_value_grad, model_state
+    """(seconds of one per-sample gradient, of one per-sample forward) on this batch, fastmask's
+    way: the graph-free gradient and the forward its query-only attacks use."""
+    from fastmask.attacks import _logits, _loss_value_grad, model_state
     with model_state(model):
-        tg, tf = [], []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            _loss_value_grad(model, x, y, "dlr")
-            tg.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                model(x)
-            tf.append(time.perf_counter() - t0)
-    return min(tg) / len(x), min(tf) / len(x)
+        return _min_costs(lambda: _loss_value_grad(model, x, y, "dlr"), lambda: _logits(model, x), len(x), reps)
 
 
 def autograd_costs(model, x, y, reps=5):
     """per_sample_costs for a library that differentiates with autograd on `model` as it is given
     (torchattacks): seconds of one per-sample input gradient and of one per-sample forward."""
     import torch.nn.functional as F
-    tg, tf = [], []
-    for _ in range(reps):
-        t0 = time.perf_counter()
+
+    def grad():
         xr = x.detach().requires_grad_(True)
         torch.autograd.grad(F.cross_entropy(model(xr), y, reduction="sum"), xr)
-        tg.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
+
+    def forward():
         with torch.no_grad():
             model(x)
-        tf.append(time.perf_counter() - t0)
-    return min(tg) / len(x), min(tf) / len(x)
+    return _min_costs(grad, forward, len(x), reps)
 
 
 def step_ratio(model, x, y, eps, steps=10, reps=3):
