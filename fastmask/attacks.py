@@ -143,7 +143,8 @@ def _logits(model, x):
 
 def _loss_grad(model, x, y, targeted, loss="ce"):
     """d(sum L)/dx (minus it when targeted); zeros where the output does not depend on x.
-    Plain layer chains skip autograd (fastmask.inputgrad: the same kernels, the same bits)."""
+    Plain layer chains skip autograd (fastmask.inputgrad: autograd's kernels, its bits; on CPU
+    those of the channels-last model)."""
     if loss != "ce":
         g = _loss_value_grad(model, x, y, loss)[0]
         return -g if targeted else g

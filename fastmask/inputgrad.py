@@ -15,8 +15,8 @@ forward for attacks that only query the model (Square, FAB's checks).
 
 Channels-last convolutions on CPU (CPU_CHANNELS_LAST): the convolutions run with their
 weights in channels-last layout, so oneDNN keeps the activations NHWC and max-pooling takes
-its NHWC kernel: the paper's CNN forward and gradient run 1.5-2.4x faster on the CPUs measured
-(benchmarks/RESULTS.md). The function is the model's; the values are the layout's kernels',
+its NHWC kernel: the paper's CNN forward ran ~2x and its gradient ~1.5x faster on the Zen 4
+measured (benchmarks/RESULTS.md). The function is the model's; the values are the layout's kernels',
 equal to the NCHW ones up to float rounding, and where rounding flips which of two nearly
 equal values a max-pool window picks the gradient flows through the other one (a
 subgradient of the same function). So on CPU the gradient equals autograd's bit for bit on
