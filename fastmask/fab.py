@@ -69,12 +69,12 @@ def _run(model, x0, y, tgt, eps, norm, steps, alpha_max, eta, beta, lo, hi, stat
     best = torch.full((n,), float("inf"), dtype=x0.dtype, device=x0.device)
     idx = torch.arange(n, device=x0.device)
     x1 = x0.clone()
+    project = ops.project_linf if norm == "inf" else project_l2
     for _ in range(steps):
         g, df, _ = _loss_value_grad(model, x1, y, "logit-diff", tgt)   # df = z_t - z_y, g its gradient
         stats["grads"] += idx.numel()
         w = g.flatten(1)
         b = -df + (w * x1.flatten(1)).sum(1)
-        project = ops.project_linf if norm == "inf" else project_l2
         d = project(torch.cat((x1.flatten(1), x0.flatten(1))), torch.cat((w, w)), torch.cat((b, b)), lo, hi)
         a0 = _dist(d, norm).clamp_min(1e-8)
         m = idx.numel()

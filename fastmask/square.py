@@ -92,6 +92,17 @@ def _bits(words, c):
     return ((words.unsqueeze(-1) >> torch.arange(c, device=words.device)) & 1).to(torch.float32) * 2 - 1
 
 
+def _windows(wr, wc, s, shape):
+    """Flat indices (n x c*s*s) of each sample's s x s window in every channel of an n x c x h x w
+    input, its corner at row (wr * (h - s)) >> 32 and column (wc * (w - s)) >> 32 (the words wr, wc
+    as uniform draws in [0, h - s) and [0, w - s), as the original's random_int)."""
+    _, c, h, w = shape
+    vh, vw = (wr * (h - s)) >> 32, (wc * (w - s)) >> 32
+    chan = (torch.arange(c, device=wr.device) * (h * w)).view(1, c, 1)
+    sq = torch.arange(s, device=wr.device)
+    return ((vh * w + vw).view(-1, 1, 1) + chan + (sq.view(s, 1) * w + sq).view(1, 1, s * s)).flatten(1)
+
+
 def _l2_start(x, rows, eps, seed, lo, hi):
     """The L2 start: x + eps * (the signed eta grid, unit norm), clamped to [lo, hi]."""
     n, c, h, w = x.shape
@@ -119,17 +130,10 @@ def _l2_proposal(x, x_best, rows, t, s, eps, seed, lo, hi):
     """One L2 proposal per sample (the original's update): the perturbation's norm inside the
     new window and the emptied one moved into the new window with a fresh signed eta pattern,
     the image rescaled to norm eps and clamped to [lo, hi]."""
-    n, c, h, w = x.shape
+    n, c = x.shape[:2]
     top = int(rows.max()) + 1
     blk = ops.philox(seed, TAG2 | (t + 1), 8 * top, device=x.device).view(top, 8)[rows]
-    chan = (torch.arange(c, device=x.device) * (h * w)).view(1, c, 1)
-    sq = torch.arange(s, device=x.device)
-    offs = (sq.view(s, 1) * w + sq).view(1, 1, s * s)
-
-    def window(wr, wc):
-        vh, vw = (wr * (h - s)) >> 32, (wc * (w - s)) >> 32
-        return ((vh * w + vw).view(-1, 1, 1) + chan + offs).flatten(1)  # (n, c * s * s)
-    win, win2 = window(blk[:, 0], blk[:, 1]), window(blk[:, 2], blk[:, 3])
+    win, win2 = _windows(blk[:, 0], blk[:, 1], s, x.shape), _windows(blk[:, 2], blk[:, 3], s, x.shape)
     delta = (x_best - x).flatten(1)
     old = delta.gather(1, win).view(n, c, s * s)
     both = torch.zeros_like(delta, dtype=torch.bool).scatter_(1, win, True).scatter_(1, win2, True)
@@ -169,8 +173,6 @@ def _run(model, x, y, rows, eps, norm, queries, p_init, seed, lo, hi, stats):
     out = x_best.clone()
     idx = torch.arange(n, device=x.device)
     x_lo, x_hi = (x - eps).flatten(1), (x + eps).flatten(1)  # the L-inf ball, once: every proposal is clipped to it
-    chan = (torch.arange(c, device=x.device) * (h * w)).view(1, c, 1)
-    bits = (1 << torch.arange(c, device=x.device)).view(1, c)
     hi_row = int(rows.max()) + 1 if n else 0
     for t in range(queries):
         done = margin <= 0
@@ -192,13 +194,10 @@ def _run(model, x, y, rows, eps, norm, queries, p_init, seed, lo, hi, stats):
             continue
         s = side(p_selection(t, p_init), h, w, c)
         blk = ops.philox(seed, TAG | (t + 1), 4 * hi_row, device=x.device).view(hi_row, 4)[rows]
-        vh = (blk[:, 0] * (h - s)) >> 32
-        vw = (blk[:, 1] * (w - s)) >> 32
-        sign = ((blk[:, 2:3] & bits) != 0).to(x.dtype) * 2 - 1  # (n, c)
+        sign = _bits(blk[:, 2], c).to(x.dtype)  # (n, c)
         # only the s x s window changes (elsewhere x_best is already inside the ball and [lo, hi]):
         # its flat indices per sample and channel, so every pass below touches n * c * s * s values
-        sq = torch.arange(s, device=x.device)
-        win = ((vh * w + vw).view(-1, 1, 1) + chan + (sq.view(s, 1) * w + sq).view(1, 1, s * s)).flatten(1)
+        win = _windows(blk[:, 0], blk[:, 1], s, x.shape)
         flat = x_best.flatten(1)
         old = flat.gather(1, win)
         new = old + (2 * eps * sign).repeat_interleave(s * s, 1)
