@@ -16,8 +16,8 @@ process CPU seconds of each cascade, alternating fastmask / torchattacks for
 the model's forward + backward (gradient evaluations x the measured cost of one
 per-sample gradient, queries x one per-sample forward) against the rest (bookkeeping);
 the same model work counted for torchattacks (its model wrapped to count the rows it
-forwards with and without autograd), and the ratio of the two, which no phase of a shared
-machine moves.
+forwards with and without autograd). The counts are exact; their seconds, and the ratio of
+the two sides', come from one timing of each per-sample cost and are rough.
 
     nice -n 5 .venv/bin/python -m benchmarks.compare_autoattack --n 500 --eps 0.3,0.1 \\
         --out results/compare_autoattack.md
@@ -105,14 +105,12 @@ class Counted(torch.nn.Module):
         return self.model(x)
 
 
-def torchattacks_cascade(model, x, y, eps, steps, queries, seed, fab, norm="inf", layout="as-given"):
-    """layout "channels-last": torchattacks attacks a channels-last copy of the model, the layout
-    fastmask runs a CNN's convolutions in on CPU (fastmask.inputgrad), so both run the same kernels."""
+def torchattacks_cascade(model, x, y, eps, steps, queries, seed, fab, norm="inf", attacked=None):
+    """attacked: the model torchattacks attacks (default `model`; e.g. a channels-last copy, the
+    layout fastmask runs a CNN's convolutions in on CPU); every result is judged by `model`."""
     import torchattacks as ta
     judge = model
-    if layout == "channels-last":
-        model = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    model = Counted(model).eval()
+    model = Counted(model if attacked is None else attacked).eval()
     tn = {"inf": "Linf", "2": "L2"}[norm]
     comps = [("apgd-ce", ta.APGD(model, norm=tn, eps=eps, steps=steps, n_restarts=1, seed=seed, loss="ce")),
              ("apgd-t", ta.APGDT(model, norm=tn, eps=eps, steps=steps, n_restarts=1, seed=seed, n_classes=10)),
@@ -121,7 +119,7 @@ def torchattacks_cascade(model, x, y, eps, steps, queries, seed, fab, norm="inf"
     if fab:
         comps.insert(2, ("fab-t", ta.FAB(model, norm=tn, eps=eps, steps=steps, n_restarts=1, alpha_max=0.1,
                                          eta=1.05, beta=0.9, seed=seed, multi_targeted=True, n_classes=10)))
-    rob = correct(model, x, y)
+    rob = correct(judge, x, y)
     out = {"clean": rob.double().mean().item(), "stages": []}
     for name, atk in comps:
         t0, c0 = time.perf_counter(), time.process_time()
@@ -253,11 +251,12 @@ def main(argv=None):
                 fm_runs.append(timed(lambda: fastmask_cascade(model, x, y, eps, a.steps, a.queries, a.seed,
                                                               a.fab, a.norm)))
                 ta_runs.append(timed(lambda: torchattacks_cascade(model, x, y, eps, a.steps, a.queries, a.seed,
-                                                                  a.fab, a.norm, a.torchattacks_layout))
+                                                                  a.fab, a.norm, ta_model))
                                if a.torchattacks else NOT_RUN)
             fm, ta = fm_runs[0][0], ta_runs[0][0]
-            row = {"model": mname, "norm": a.norm, "torchattacks_layout": a.torchattacks_layout, "eps": eps, "n": a.n, "start": a.start, "seed": a.seed, "steps": a.steps,
-                   "queries": a.queries, "clean": fm["clean"], "stages": []}
+            row = {"model": mname, "norm": a.norm, "torchattacks_layout": a.torchattacks_layout, "eps": eps,
+                   "n": a.n, "start": a.start, "seed": a.seed, "steps": a.steps, "queries": a.queries,
+                   "clean": fm["clean"], "stages": []}
             for (name, r_fm, s_fm, cost), (name2, r_ta, s_ta, _, cost_ta) in zip(
                     fm["stages"], ta["stages"] or [(n, None, None, None, None) for n, *_ in fm["stages"]]):
                 assert name == name2
@@ -320,8 +319,8 @@ def main(argv=None):
                      f"{r['speedup_cpu']:.2f}x | {r['model_work_ratio']:.2f}x |")
     lines += ["", "Model work: each side's sample-gradients x one per-sample gradient's seconds plus its forwarded "
               "rows x one per-sample forward's, each side's costs timed once on the whole batch with its own "
-              "kernels (fastmask's graph-free path; torchattacks' autograd on the model it attacks): the part of "
-              "the speedup the work done and the kernels explain, whatever the machine's phase."]
+              "kernels (fastmask's graph-free path; torchattacks' autograd on the model it attacks). The counts "
+              "are exact; the seconds, and so the ratio, are rough estimates (they moved 0.8x-2.8x between runs)."]
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
