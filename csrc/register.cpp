@@ -9,11 +9,13 @@
 // gets an empty tensor of the right shape. Fake kernels live in fastmask/ops.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <limits>
 #include <mutex>
 #include <set>
 #include <thread>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <torch/csrc/utils/pybind.h>  // at::Tensor <-> torch.Tensor in pybind11
 #include <torch/library.h>
 
 #include "cpu/cpu_ops.h"
@@ -104,6 +106,22 @@ void random_start_out_any(const at::Tensor& x, double eps, int64_t seed, int64_t
   out.copy_(call_random_start(x, eps, seed, offset, norm, lo, hi));
 }
 
+// A pybind11 function's c10 errors as the Python exceptions torch.ops would raise (ValueError,
+// TypeError, RuntimeError), with the message only: pybind11 alone gives every one as a
+// RuntimeError with the C++ backtrace in its text.
+template <typename F>
+auto python_errors(F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (const c10::ValueError& e) {
+    throw pybind11::value_error(e.what_without_backtrace());
+  } catch (const c10::TypeError& e) {
+    throw pybind11::type_error(e.what_without_backtrace());
+  } catch (const c10::Error& e) {
+    throw std::runtime_error(e.what_without_backtrace());
+  }
+}
+
 }  // namespace fastmask
 
 TORCH_LIBRARY(fastmask, m) {
@@ -180,6 +198,39 @@ PYBIND11_MODULE(_C, m) {
     });
     return (int64_t)ids.size();
   }, "Threads at::parallel_for(0, n, grain) used in this module (test hook).");
+  // FeatureMask's training draw in one call (fastmask/nn.py): the offset from its int64
+  // counter (step + (stream << 40); step / redraw for one mask per `redraw` calls, drawn at
+  // scope "fixed"; 2^64 - 1 for scope "fixed"), the counter advanced by one, mask_apply through the dispatcher
+  // (autograd, every device) and the inverted-dropout scale. Inside a training step every
+  // call from Python costs more than its work (benchmarks/RESULTS.md): this is one call where
+  // the module made four (the counter's read and add_, the op, the scale).
+  m.def("_mask_step", [](const at::Tensor& x, double ratio, int64_t seed, at::Tensor& step,
+                         int64_t stream, int64_t redraw, const std::string& mode,
+                         const std::string& scope, const std::string& channels, double fill,
+                         double scale) {
+    return fastmask::python_errors([&]() -> at::Tensor {
+      TORCH_CHECK(step.device().is_cpu() && step.scalar_type() == at::kLong && step.dim() == 0,
+                  "FeatureMask: the step counter must be a 0-d int64 CPU tensor, got ",
+                  step.toString(), " of shape ", step.sizes());
+      TORCH_CHECK_VALUE(redraw >= 0 && stream >= 0 && stream < (int64_t(1) << 24),
+                        "FeatureMask: redraw_steps must be >= 1 and stream in [0, 2**24), got ",
+                        redraw, " and ", stream);
+      int64_t* p = step.data_ptr<int64_t>();
+      const int64_t v = *p;
+      TORCH_CHECK_VALUE(v >= 0 && v < std::numeric_limits<int64_t>::max(),
+                        "FeatureMask: the step counter must be in [0, 2**63 - 1), got ", v);
+      const bool fixed = scope == "fixed";  // the paper's fixed mask: FIXED_OFFSET = 2^64 - 1
+      const uint64_t offset = fixed        ? ~uint64_t(0)
+                              : redraw > 0 ? (uint64_t)(v / redraw)
+                                           : (uint64_t)v + ((uint64_t)stream << 40);
+      const at::Tensor y = fastmask::call_mask_apply(x, ratio, seed, (int64_t)offset, mode,
+                                                     redraw > 0 ? std::string("fixed") : scope,
+                                                     channels, fill);
+      *p = v + 1;  // after the op: a call that raises leaves the counter as it was
+      step.unsafeGetTensorImpl()->bump_version();  // as add_ would: the buffer was written
+      return scale == 1.0 ? y : y.mul_(scale);
+    });
+  }, "FeatureMask's training draw: offset from the counter, mask_apply, counter + 1, scale.");
   m.def("build_info", []() {
     pybind11::dict d;
 #ifdef _OPENMP

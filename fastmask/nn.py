@@ -83,6 +83,16 @@ class FeatureMask(torch.nn.Module):
         return out
 
     def forward(self, x: Tensor) -> Tensor:
+        if (self.training and ops._use_ext
+                and type(x) is Tensor and x.dim() == 4 and x.dtype in ops.FLOAT_DTYPES
+                and not torch.compiler.is_compiling()
+                and not torch._C._is_torch_function_mode_enabled()):
+            # the hot path of a training step: one call does what _masked does below (the
+            # counter's read and increment, the op through the dispatcher, the scale); the
+            # arguments were checked in __init__ and the op checks them again
+            return ops._mask_step(x, self.ratio, C.u64("seed", self.seed), self._buffers["step"],
+                                  self.stream, self.redraw_steps or 0, self.mode, self.scope,
+                                  self.channels, self.fill, self._scale)
         out = self._masked(x)
         return out if self._scale == 1.0 or out is x else out * self._scale
 
@@ -97,28 +107,23 @@ class FeatureMask(torch.nn.Module):
         if self.scope == "fixed":
             offset = FIXED_OFFSET
         elif self.redraw_steps is not None:  # one mask for every image (scope "fixed"), per R calls
-            offset = int(step) // self.redraw_steps
+            y = ops.mask_apply(x, self.ratio, seed=self.seed, offset=int(step) // self.redraw_steps,
+                               mode=self.mode, scope="fixed", channels=self.channels, fill=self.fill)
             step.add_(1)
-            return ops.mask_apply(x, self.ratio, seed=self.seed, offset=offset, mode=self.mode,
-                                  scope="fixed", channels=self.channels, fill=self.fill)
+            return y
         elif torch.compiler.is_compiling():
             # a tensor offset: one graph for every step (no recompilation per value)
             offset = step.clone() if not self.stream else step + (self.stream << 40)
         else:
-            # eager: the counter lives on the CPU, so reading it costs no device sync, and
-            # the int path skips the offset-tensor custom op and its Python dispatch
+            # eager without the extension's one-call path (forward): the counter lives on the
+            # CPU, so reading it costs no device sync
             offset = int(step) + (self.stream << 40)
-        step.add_(1)  # an int64 buffer: never part of autograd, so no no_grad() context to enter
-        if (ops._use_ext and isinstance(offset, int) and isinstance(x, Tensor) and x.dim() == 4
-                and x.dtype in ops.FLOAT_DTYPES):
-            # the hot path of a training step: the arguments were checked in __init__, and
-            # the C++ op checks them again, so skip the Python checks (a sizeable part of a
-            # call on small inputs: benchmarks/RESULTS.md)
-            return ops._mask_apply_int(x, self.ratio, C.u64("seed", self.seed),
-                                       C.u64("offset", offset), self.mode, self.scope,
-                                       self.channels, self.fill)
-        return ops.mask_apply(x, self.ratio, seed=self.seed, offset=offset, mode=self.mode,
-                              scope=self.scope, channels=self.channels, fill=self.fill)
+        y = ops.mask_apply(x, self.ratio, seed=self.seed, offset=offset, mode=self.mode,
+                           scope=self.scope, channels=self.channels, fill=self.fill)
+        # after the op, so that a call that raises leaves the counter as it was; an int64
+        # buffer: never part of autograd, so no no_grad() context to enter
+        step.add_(1)
+        return y
 
     def extra_repr(self) -> str:
         return (f"ratio={self.ratio}, mode={self.mode!r}, scope={self.scope!r}, "

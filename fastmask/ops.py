@@ -55,6 +55,12 @@ _ext_available = _load_extension()
 # Module-level switch: the ops call the extension while this is True. Tests set it
 # to False to run the same checks through the reference (the fallback path).
 _use_ext = _ext_available
+# FeatureMask's training draw in one call (the counter, the op, the scale: csrc/register.cpp),
+# which fastmask.nn uses while _use_ext is True
+if _ext_available:
+    from fastmask._C import _mask_step
+else:
+    _mask_step = None
 
 
 def extension_loaded() -> bool:

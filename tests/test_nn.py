@@ -217,3 +217,86 @@ def test_feature_mask_counter_stays_on_cpu():
     m.to("meta")  # any device move: the counter stays a CPU int64 tensor
     assert m[0].step.device.type == "cpu" and m[0].step.dtype == torch.int64
     assert m[1].weight.device.type == "meta"
+
+
+def _composed(m, x):
+    """FeatureMask's training draw as separate calls (its path without the extension's
+    one-call _mask_step): the counter's read and increment, the op, the scale."""
+    out = m._masked(x)
+    return out if m._scale == 1.0 else out * m._scale
+
+
+ONE_CALL_CASES = [
+    dict(ratio=0.3),
+    dict(ratio=0.3, mode="block", fill=0.5),
+    dict(ratio=0.3, mode="blur", channels="separate"),
+    dict(ratio=0.3, rescale=True),
+    dict(ratio=0.4, scope="fixed", mode="pixel"),
+    dict(ratio=0.3, redraw_steps=2),
+    dict(ratio=0.0),
+    dict(ratio=1.0, fill=0.25),
+]
+
+
+@pytest.mark.parametrize("kw", ONE_CALL_CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_feature_mask_one_call_equals_composed(kw, dtype):
+    """The extension's one-call training draw (ops._mask_step: counter, op, scale) gives the
+    composed path's values and counter, call after call, at any stream."""
+    if not ops._ext_available:
+        pytest.skip("the one-call path is the extension's")
+    x = images(n=3, c=2, seed=9).to(dtype)
+    for stream in (0, 3):
+        fast, slow = fnn.FeatureMask(seed=11, **kw), fnn.FeatureMask(seed=11, **kw)
+        fast.stream = slow.stream = stream
+        fast.step.fill_(5)
+        slow.step.fill_(5)
+        for _ in range(4):
+            v = fast.step._version
+            got, want = fast(x), _composed(slow, x)
+            assert got.dtype == dtype and torch.equal(got, want)
+            assert int(fast.step) == int(slow.step) and fast.step._version > v
+
+
+def test_feature_mask_one_call_gradient_and_errors():
+    if not ops._ext_available:
+        pytest.skip("the one-call path is the extension's")
+    m = fnn.FeatureMask(0.5, rescale=True, seed=3)
+    x = images(seed=4).requires_grad_()
+    m(x).sum().backward()
+    keep = ops.mask_generate(x.shape, 0.5, seed=3, offset=0)
+    assert torch.equal(x.grad, keep.float() * 2.0)
+    # a counter that cannot give an offset: a clear error, and the counter is left as it was
+    m.step.fill_(-1)
+    with pytest.raises(ValueError, match="step counter.*-1"):
+        m(images())
+    assert int(m.step) == -1
+    # so is a bad input (checked in Python) or a bad argument set after __init__ (checked by the op)
+    m.step.fill_(0)
+    with pytest.raises(ValueError, match="4-D"):
+        m(torch.rand(2, 3, 4, 5, 6))
+    m.ratio = 1.5
+    with pytest.raises(ValueError, match="ratio"):
+        m(images())
+    assert int(m.step) == 0
+
+
+def test_feature_mask_one_call_respects_torch_function_modes():
+    """A torch function mode (a tracer, a profiler's hook) sees the op: the one-call path,
+    which Python's __torch_function__ machinery would not see, steps aside for it."""
+    from torch.overrides import TorchFunctionMode
+
+    seen = []
+
+    class Log(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    m = fnn.FeatureMask(0.3, seed=2)
+    x = images()
+    with Log():
+        y = m(x)
+    assert any("fastmask.mask_apply" in s for s in seen), seen
+    assert torch.equal(y, ref.mask_apply(x, 0.3, 2, 0, "pixel", "sample", "shared", 0.0))
+    assert int(m.step) == 1
