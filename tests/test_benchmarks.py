@@ -144,3 +144,24 @@ def test_compare_autoattack_tiny_run(tmp_path, mnist, norm, eps, layout):
     first = row["stages"][0]
     assert first["fastmask_cost"]["grads"] > 0 and first["torchattacks_cost"]["grads"] > 0
     assert row["model_work_ratio"] > 0
+
+
+def test_mask_step_phases_pairs_and_split(monkeypatch):
+    """benchmarks.mask_step_phases: pairs alternate their order, the composed variant draws the
+    same masks as the one-call one, and each pair lands in the phase of its base block."""
+    from benchmarks import mask_step_phases as P
+    calls = []
+    ps = P.pairs(lambda: calls.append("a"), lambda: calls.append("b"), n=3, block=2)
+    assert calls[40:] == ["a", "a", "b", "b", "b", "b", "a", "a", "a", "a", "b", "b"]
+    assert len(ps) == 3 and all(a >= 0 and b >= 0 for a, b in ps)
+    x = torch.rand(4, 1, 8, 8)
+    one = P.B.named_mask("fused random 30%")
+    comp = P.composed(P.B.named_mask("fused random 30%"))
+    for _ in range(2):
+        assert torch.equal(one(x), comp(x))
+    assert int(comp.step) == 2 and type(comp) is P.ComposedMask
+    fast = [(1e-3, 1.01e-3)] * 10  # base 1 ms: fast, +1 %
+    slow = [(3e-3, 3.15e-3)] * 12  # base 3 ms: slow, +5 %
+    s = P.summary(fast + slow)
+    assert "fast 10 pairs: +1.00 %" in s and "slow 12 pairs: +5.00 %" in s and "all 22 pairs" in s
+    assert P.summary(slow).startswith("fast 0 pairs")
