@@ -1,6 +1,6 @@
-"""The Python costs that fastmask/nn.py's FeatureMask hot path and fastmask/_checks.u64 avoid
-(once figures in code comments; now in benchmarks/RESULTS.md): per call, the minimum over 7
-interleaved repeats of timeit, 1 torch thread.
+"""The Python costs that fastmask/nn.py's FeatureMask hot path (one call, ops._mask_step) and
+fastmask/_checks.u64 avoid (once figures in code comments; now in benchmarks/RESULTS.md): per
+call, the minimum over 7 interleaved repeats of timeit, 1 torch thread.
 
     python benchmarks/python_overhead.py
 """
@@ -20,7 +20,9 @@ cases = {
     "C.u64 slow path (an int >= 2^63)": (lambda: C.u64("seed", 2**63 + 5), 200000),
     "step.add_(1)": (lambda: step.add_(1), 100000),
     "with no_grad: step.add_(1)": (lambda: _ng(), 100000),
-    "ops._mask_apply_int (hot path)": (lambda: ops._mask_apply_int(x, 0.3, 1, 5, "pixel", "sample", "shared", 0.0), 2000),
+    "ops._mask_apply_int (no Python checks)": (lambda: ops._mask_apply_int(x, 0.3, 1, 5, "pixel", "sample", "shared", 0.0), 2000),
+    "ops._mask_step (FeatureMask's hot path: counter, op, scale)": (
+        lambda: ops._mask_step(x, 0.3, 1, step, 0, 0, "pixel", "sample", "shared", 0.0, 1.0), 2000),
     "ops.mask_apply int offset (checked)": (lambda: ops.mask_apply(x, 0.3, seed=1, offset=5), 2000),
     "ops.mask_apply tensor offset (custom op)": (lambda: ops.mask_apply(x, 0.3, seed=1, offset=off_t), 2000),
     "FeatureMask forward": (lambda: fm(x), 2000),
