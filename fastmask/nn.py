@@ -19,6 +19,13 @@ FeatureMask draws its masks from the Philox stream (seed, offset) of fastmask.op
 - rescale=True (inverted dropout, a variant of the paper's eq. 3): the kept features
   are multiplied by 1 / (1 - ratio) wherever the mask is applied (training and M_test),
   so that E[x'] = x for fill 0; with eval_mask "off" the input passes unscaled.
+
+In eager training with the extension, a draw is one call into C++ (ops._mask_step: the
+offset from the counter, the op, the counter advanced, the rescale) rather than four from
+Python: inside a training step each call costs more than its work (benchmarks/RESULTS.md).
+Values and counter are those of the separate calls (_masked), which torch.compile, the
+pure-PyTorch fallback and torch function modes still take. The counter advances only once
+the op has succeeded.
 """
 from typing import Iterable, List, Optional
 
