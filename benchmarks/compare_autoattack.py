@@ -188,6 +188,13 @@ def step_ratio(model, x, y, eps, steps=10, reps=3):
     return min(ta_) / min(tp), min(tp), min(ta_)
 
 
+def _num(v, spec, suffix="", nonneg=False):
+    """A table cell: v formatted, or '–' for a side not run (nan) or, with nonneg, a negative estimate."""
+    if v != v or (nonneg and v < 0):
+        return "–"
+    return f"{v:{spec}}{suffix}"
+
+
 NOT_RUN = ({"stages": []}, float("nan"), float("nan"))
 
 
@@ -308,19 +315,21 @@ def main(argv=None):
             work = f"{c['grads']:,} + {c['queries']:,} / " + ("–" if ct is None else f"{ct['grads']:,} + {ct['queries']:,}")
             lines.append(f"| {r['model']} | {r['eps']} | {r['clean']:.1%} | {s['attack']} | {s['fastmask']:.1%} | "
                          f"{ta_r} | {s['wilson95'][0]:.1%}–{s['wilson95'][1]:.1%} | {agree} | "
-                         f"{s['fastmask_s']:.1f} ({s['fastmask_model_s']:.1f} / {s['fastmask_bookkeeping_s']:.1f}) | "
+                         f"{s['fastmask_s']:.1f} ({s['fastmask_model_s']:.1f} / {_num(s['fastmask_bookkeeping_s'], '.1f', nonneg=True)}) | "
                          f"{ta_s} | {work} |")
     lines += ["", "| model | eps | fastmask wall s | torchattacks wall s | speedup (wall) | fastmask CPU s | "
               "torchattacks CPU s | speedup (CPU) | model work, torchattacks / fastmask |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['eps']} | {r['fastmask_wall_s']:.1f} | {r['torchattacks_wall_s']:.1f} | "
-                     f"{r['speedup_wall']:.2f}x | {r['fastmask_cpu_s']:.1f} | {r['torchattacks_cpu_s']:.1f} | "
-                     f"{r['speedup_cpu']:.2f}x | {r['model_work_ratio']:.2f}x |")
+        lines.append(f"| {r['model']} | {r['eps']} | {r['fastmask_wall_s']:.1f} | {_num(r['torchattacks_wall_s'], '.1f')} | "
+                     f"{_num(r['speedup_wall'], '.2f', 'x')} | {r['fastmask_cpu_s']:.1f} | "
+                     f"{_num(r['torchattacks_cpu_s'], '.1f')} | {_num(r['speedup_cpu'], '.2f', 'x')} | "
+                     f"{_num(r['model_work_ratio'], '.2f', 'x')} |")
     lines += ["", "Model work: each side's sample-gradients x one per-sample gradient's seconds plus its forwarded "
               "rows x one per-sample forward's, each side's costs timed once on the whole batch with its own "
               "kernels (fastmask's graph-free path; torchattacks' autograd on the model it attacks). The counts "
-              "are exact; the seconds, and so the ratio, are rough estimates (they moved 0.8x-2.8x between runs)."]
+              "are exact; the seconds, and so the ratio, are rough estimates (they moved 0.8x-2.8x between runs); "
+              "'rest' is '–' where the estimate exceeds the stage's measured seconds, '–' elsewhere: not run."]
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")

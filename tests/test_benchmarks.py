@@ -146,7 +146,16 @@ def test_compare_autoattack_tiny_run(tmp_path, mnist, norm, eps, layout):
     assert row["model_work_ratio"] > 0
 
 
-def test_mask_step_phases_pairs_and_split(monkeypatch):
+def test_compare_autoattack_cells_of_a_side_not_run():
+    """A --fastmask-only run's table says '–' where torchattacks did not run (not 'nan'), and a
+    model-work estimate above the measured seconds leaves no negative 'rest'."""
+    from benchmarks import compare_autoattack as C
+    assert C._num(float("nan"), ".1f") == "–" and C._num(float("nan"), ".2f", "x") == "–"
+    assert C._num(1.234, ".2f", "x") == "1.23x" and C._num(-6.7, ".1f") == "-6.7"
+    assert C._num(-6.7, ".1f", nonneg=True) == "–" and C._num(0.0, ".1f", nonneg=True) == "0.0"
+
+
+def test_mask_step_phases_pairs_and_split():
     """benchmarks.mask_step_phases: pairs alternate their order, the composed variant draws the
     same masks as the one-call one, and each pair lands in the phase of its base block."""
     from benchmarks import mask_step_phases as P
