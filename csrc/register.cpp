@@ -198,12 +198,13 @@ PYBIND11_MODULE(_C, m) {
     });
     return (int64_t)ids.size();
   }, "Threads at::parallel_for(0, n, grain) used in this module (test hook).");
-  // FeatureMask's training draw in one call (fastmask/nn.py): the offset from its int64
-  // counter (step + (stream << 40); step / redraw for one mask per `redraw` calls, drawn at
-  // scope "fixed"; 2^64 - 1 for scope "fixed"), the counter advanced by one, mask_apply through the dispatcher
-  // (autograd, every device) and the inverted-dropout scale. Inside a training step every
-  // call from Python costs more than its work (benchmarks/RESULTS.md): this is one call where
-  // the module made four (the counter's read and add_, the op, the scale).
+  // FeatureMask's training draw in one call (fastmask/nn.py). The offset comes from its int64
+  // counter: step + (stream << 40); step / redraw for one mask per `redraw` calls (drawn at
+  // scope "fixed"); 2^64 - 1 (FIXED_OFFSET) for scope "fixed". Then mask_apply through the
+  // dispatcher (autograd, every device), the counter advanced by one, the inverted-dropout
+  // scale. Inside a training step every call from Python costs more than its work
+  // (benchmarks/RESULTS.md): this is one call where the module made four (the counter's read
+  // and add_, the op, the scale).
   m.def("_mask_step", [](const at::Tensor& x, double ratio, int64_t seed, at::Tensor& step,
                          int64_t stream, int64_t redraw, const std::string& mode,
                          const std::string& scope, const std::string& channels, double fill,
@@ -213,7 +214,7 @@ PYBIND11_MODULE(_C, m) {
                   "FeatureMask: the step counter must be a 0-d int64 CPU tensor, got ",
                   step.toString(), " of shape ", step.sizes());
       TORCH_CHECK_VALUE(redraw >= 0 && stream >= 0 && stream < (int64_t(1) << 24),
-                        "FeatureMask: redraw_steps must be >= 1 and stream in [0, 2**24), got ",
+                        "FeatureMask: redraw (0: none) must be >= 0 and stream in [0, 2**24), got ",
                         redraw, " and ", stream);
       int64_t* p = step.data_ptr<int64_t>();
       const int64_t v = *p;

@@ -278,6 +278,9 @@ def test_feature_mask_one_call_gradient_and_errors():
     m.ratio = 1.5
     with pytest.raises(ValueError, match="ratio"):
         m(images())
+    m.ratio, m.stream = 0.5, 1 << 24  # a stream whose offsets would wrap past 2^64
+    with pytest.raises(ValueError, match="stream"):
+        m(images())
     assert int(m.step) == 0
 
 
