@@ -4,7 +4,7 @@ fused Adam, batch 128 MNIST); the variants:
     plain      no mask (nn.Identity, as bench_train's baseline),
     one-call   FeatureMask as it runs: one call into the extension per training draw
                (ops._mask_step: the counter, the op, the scale),
-    composed   the same draws as separate calls from Python (FeatureMask._masked: the
+    composed   the same draws as separate calls from Python (FeatureMask._separate_calls: the
                counter's read, the op, its add_; the path without the extension's one-call
                function),
 in pairs of BLOCK-step blocks, base then other and other then base in turn (as
@@ -35,8 +35,7 @@ class ComposedMask(FeatureMask):
     """FeatureMask drawing through separate calls (its path when the one-call function is not used)."""
 
     def forward(self, x):
-        out = self._masked(x)
-        return out if self._scale == 1.0 else out * self._scale
+        return self._separate_calls(x)
 
 
 def composed(mask):

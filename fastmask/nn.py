@@ -23,7 +23,7 @@ FeatureMask draws its masks from the Philox stream (seed, offset) of fastmask.op
 In eager training with the extension, a draw is one call into C++ (ops._mask_step: the
 offset from the counter, the op, the counter advanced, the rescale) rather than four from
 Python: inside a training step each call costs more than its work (benchmarks/RESULTS.md).
-Values and counter are those of the separate calls (_masked), which torch.compile, the
+Values and counter are those of the separate calls (_separate_calls), which torch.compile, the
 pure-PyTorch fallback and torch function modes still take. The counter advances only once
 the op has succeeded.
 """
@@ -100,6 +100,10 @@ class FeatureMask(torch.nn.Module):
             return ops._mask_step(x, self.ratio, C.u64("seed", self.seed), self._buffers["step"],
                                   self.stream, self.redraw_steps or 0, self.mode, self.scope,
                                   self.channels, self.fill, self._scale)
+        return self._separate_calls(x)
+
+    def _separate_calls(self, x: Tensor) -> Tensor:
+        """forward without the one-call path: the mask through _masked, then the scale."""
         out = self._masked(x)
         return out if self._scale == 1.0 or out is x else out * self._scale
 

@@ -219,13 +219,6 @@ def test_feature_mask_counter_stays_on_cpu():
     assert m[1].weight.device.type == "meta"
 
 
-def _composed(m, x):
-    """FeatureMask's training draw as separate calls (its path without the extension's
-    one-call _mask_step): the counter's read and increment, the op, the scale."""
-    out = m._masked(x)
-    return out if m._scale == 1.0 else out * m._scale
-
-
 ONE_CALL_CASES = [
     dict(ratio=0.3),
     dict(ratio=0.3, mode="block", fill=0.5),
@@ -253,7 +246,7 @@ def test_feature_mask_one_call_equals_composed(kw, dtype):
         slow.step.fill_(5)
         for _ in range(4):
             v = fast.step._version
-            got, want = fast(x), _composed(slow, x)
+            got, want = fast(x), slow._separate_calls(x)  # the counter, the op, the scale apart
             assert got.dtype == dtype and torch.equal(got, want)
             assert int(fast.step) == int(slow.step) and fast.step._version > v
 
